@@ -1,0 +1,113 @@
+"""Scaled dot-product attention for one head: the readable reference.
+
+Shape glossary: T query length, S key length, d_k query/key head dim, d_v value head dim.
+
+Everything else in jattn (multi-head, batching, the chunked and ring paths) is measured
+against this function.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jattn import _checks
+from jattn.masks import StructuredMask
+
+
+class HeadOutput(NamedTuple):
+    out: jax.Array  # [T, d_v]
+    weights: jax.Array  # [T, S], fp32
+    logsumexp: jax.Array  # [T], fp32; -inf for a row that sees no key
+
+
+def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(logits / cap)`` (Gemma 2's logit soft cap); identity for ``cap=None``."""
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def attention_head(
+    q: jax.Array,  # [T, d_k]
+    k: jax.Array,  # [S, d_k]
+    v: jax.Array,  # [S, d_v]
+    mask: jax.Array | None,  # [T, S] bool, or broadcastable to it
+    bias: jax.Array | None,  # [T, S] float, or broadcastable to it
+    keep: jax.Array | None,  # [T, S] dropout multiplier (0 or 1/(1-rate)), or None
+    structure: StructuredMask,
+    scale: float,
+    logits_soft_cap: float | None,
+) -> HeadOutput:
+    """softmax(soft_cap(q kᵀ · scale) + bias, masked) v, in fp32, for one head.
+
+    A row that can see no key (everything masked, or every bias entry -inf) gives exactly 0
+    with zero gradients, rather than the mean of v.
+    """
+    T, S = q.shape[0], k.shape[0]
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("td,sd->ts", q, k, preferred_element_type=f32) * scale  # [T, S]
+    logits = soft_cap(logits, logits_soft_cap)
+    if bias is not None:
+        logits = logits + bias.astype(f32)
+    visible = logits > -jnp.inf  # [T, S]: a -inf bias hides a key too
+    tile = structure.tile(jnp.arange(T), jnp.arange(S))
+    for m in (mask, tile):
+        if m is not None:
+            visible = visible & m
+    row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1)  # [T]
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    p = jnp.where(visible, jnp.exp(logits - row_max[:, None]), 0.0)  # [T, S]
+    row_sum = jnp.sum(p, axis=-1)  # [T]
+    seen = row_sum > 0
+    safe_sum = jnp.where(seen, row_sum, 1.0)
+    weights = p / safe_sum[:, None]  # [T, S]
+    lse = jnp.where(seen, row_max + jnp.log(safe_sum), -jnp.inf)  # [T]
+    mixed = weights if keep is None else weights * keep
+    out = jnp.einsum("ts,sd->td", mixed, v, preferred_element_type=f32)  # [T, d_v]
+    return HeadOutput(out.astype(q.dtype), weights, lse)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    return_weights: bool = False,
+):
+    """Single-head attention ``q: [T, d_k], k: [S, d_k], v: [S, d_v] -> [T, d_v]``.
+
+    out = softmax(q kᵀ · scale + bias, where mask) v, with ``scale = 1/sqrt(d_k)`` by default.
+
+    ``mask`` is boolean (True = attend) and ``bias`` additive; both broadcast to [T, S].
+    ``logits_soft_cap=c`` replaces the scaled scores by ``c·tanh(scores/c)`` before the bias.
+    Logits, softmax and accumulation run in fp32; the output has the dtype of ``q``.
+    A query row that sees no key returns 0. With ``return_weights=True`` the result is
+    ``(out, weights [T, S])``. For many heads and batches use ``jattn.dot_product_attention``.
+    """
+    T, d_k = _checks.rank("q", q, 2, "[T, d_k]")
+    S, d_k2 = _checks.rank("k", k, 2, "[S, d_k]")
+    S2, _ = _checks.rank("v", v, 2, "[S, d_v]")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.floating(name, x)
+    if d_k2 != d_k:
+        raise ValueError(f"k: expected head dim {d_k} to match q [T, d_k]={q.shape}, got {k.shape}")
+    if S2 != S:
+        raise ValueError(f"v: expected length {S} to match k [S, d_k]={k.shape}, got {v.shape}")
+    if mask is not None:
+        _checks.boolean("mask", mask)
+        _checks.broadcastable("mask", mask, (T, S), "[T, S]")
+        mask = jnp.broadcast_to(mask, (T, S))
+    if bias is not None:
+        _checks.floating("bias", bias)
+        _checks.broadcastable("bias", bias, (T, S), "[T, S]")
+        bias = jnp.broadcast_to(bias, (T, S))
+    scale = 1.0 / d_k**0.5 if scale is None else _checks.concrete_number("scale", scale)
+    if logits_soft_cap is not None:
+        logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
+    res = attention_head(q, k, v, mask, bias, None, StructuredMask(), scale, logits_soft_cap)
+    return (res.out, res.weights) if return_weights else res.out
