@@ -1,0 +1,117 @@
+"""Block primitives of flash attention: one [tq, tk] tile at a time, in fp32.
+
+Shape glossary: tq query rows of a tile, tk key columns of a tile, d_k query/key head dim,
+d_v value head dim.
+
+Both the ``'chunked'`` path (loops over the tiles of one device) and sequence-parallel ring
+attention (rotates key/value blocks between devices) are built from these functions; they
+know nothing about where a tile sits except through the mask tiles the caller passes in.
+
+API (stable):
+
+- ``tile_logits(q_blk, k_blk, bias_tile, mask_tile, structure_tile, scale, cap)
+  -> (logits [tq, tk], visible [tq, tk] | None)``: ``soft_cap(q kᵀ · scale) + bias`` and the
+  keys each row may see (``mask_tile & structure_tile & logits > -inf``). ``visible`` is None
+  when nothing can hide a key (no bias, no mask tile, no structure tile). Every tile argument
+  may be None. ``structure_tile`` is what ``StructuredMask.tile(q_idx, k_idx)`` returns for
+  the tile's global row/column indices, combined with any padding mask by the caller.
+- ``init_carry(tq, d_v) -> (m [tq], l [tq], acc [tq, d_v])``: the empty online-softmax state
+  (running max ``-inf``, running sum 0, unnormalised output 0).
+- ``forward_block(carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, structure_tile, scale, cap)
+  -> carry``: folds one key block into the state. Visiting the key blocks of a row in any
+  order gives the same result up to rounding; blocks that a row cannot see may be skipped.
+- ``finalize(carry) -> (out [tq, d_v], lse [tq])``: ``out = acc / l``; a row that saw no key
+  gives ``out = 0`` and ``lse = -inf``.
+- ``backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, mask_tile,
+  structure_tile, scale, cap) -> (dq [tq, d_k], dk [tk, d_k], dv [tk, d_v], dbias [tq, tk] | None)``:
+  the FlashAttention-2 backward of one tile, given the forward's logsumexp ``lse_blk [tq]`` and
+  ``delta_blk [tq] = rowsum(dO ∘ O) - dlse`` (``dlse`` being the cotangent of the lse output,
+  0 when only ``out`` is used). Summing the tile results over all visible tiles gives the full
+  gradients; ``dbias`` is None when ``bias_tile`` is.
+
+All arithmetic is fp32; callers cast inputs to fp32 first.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jattn.masks import combine_masks
+
+Carry = tuple[jax.Array, jax.Array, jax.Array]  # m [tq], l [tq], acc [tq, d_v]
+
+
+def _capped_scores(q_blk, k_blk, scale: float, cap: float | None):
+    """(soft_cap(q kᵀ · scale) [tq, tk], tanh of the cap [tq, tk] or None)."""
+    raw = jnp.einsum("qd,kd->qk", q_blk, k_blk) * scale  # [tq, tk]
+    if cap is None:
+        return raw, None
+    t = jnp.tanh(raw / cap)  # [tq, tk]
+    return cap * t, t
+
+
+def _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile):
+    logits = scores if bias_tile is None else scores + bias_tile
+    hidden_by_bias = None if bias_tile is None else logits > -jnp.inf  # [tq, tk]
+    return logits, combine_masks(hidden_by_bias, mask_tile, structure_tile)
+
+
+def tile_logits(q_blk, k_blk, bias_tile, mask_tile, structure_tile, scale: float, cap: float | None):
+    """Logits ``soft_cap(q kᵀ · scale) + bias`` of one tile and its visibility (None = all)."""
+    scores, _ = _capped_scores(q_blk, k_blk, scale, cap)
+    return _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile)
+
+
+def init_carry(tq: int, d_v: int) -> Carry:
+    return (
+        jnp.full((tq,), -jnp.inf, jnp.float32),
+        jnp.zeros((tq,), jnp.float32),
+        jnp.zeros((tq, d_v), jnp.float32),
+    )
+
+
+def forward_block(carry: Carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, structure_tile,
+                  scale: float, cap: float | None) -> Carry:
+    """One online-softmax step: rescale the running state to the new row max, add this block."""
+    m, l, acc = carry
+    logits, visible = tile_logits(q_blk, k_blk, bias_tile, mask_tile, structure_tile, scale, cap)
+    if visible is not None:
+        logits = jnp.where(visible, logits, -jnp.inf)  # [tq, tk]
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [tq]
+    m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)  # a row with nothing visible yet stays at 0
+    p = jnp.exp(logits - m_safe[:, None])  # [tq, tk]; exactly 0 where hidden
+    alpha = jnp.exp(m - m_safe)  # [tq]; 0 while m is still -inf
+    l = alpha * l + jnp.sum(p, axis=-1)
+    acc = alpha[:, None] * acc + jnp.einsum("qk,kd->qd", p, v_blk)  # [tq, d_v]
+    return m_new, l, acc
+
+
+def finalize(carry: Carry) -> tuple[jax.Array, jax.Array]:
+    """(out [tq, d_v], lse [tq]); rows that saw nothing give 0 and -inf."""
+    m, l, acc = carry
+    seen = l > 0
+    safe_l = jnp.where(seen, l, 1.0)
+    out = acc / safe_l[:, None]  # [tq, d_v]
+    lse = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+    return out, lse
+
+
+def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, mask_tile,
+                   structure_tile, scale: float, cap: float | None):
+    """FlashAttention-2 backward of one tile: P = exp(logits - lse), dS = P ∘ (dP - delta)."""
+    scores, t = _capped_scores(q_blk, k_blk, scale, cap)
+    logits, visible = _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile)
+    # A row with lse = -inf saw no key: subtracting +inf makes its P exactly 0.
+    lse_safe = jnp.where(lse_blk > -jnp.inf, lse_blk, jnp.inf)  # [tq]
+    p = jnp.exp(logits - lse_safe[:, None])  # [tq, tk]
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+    dv = jnp.einsum("qk,qd->kd", p, do_blk)  # [tk, d_v]
+    dp = jnp.einsum("qd,kd->qk", do_blk, v_blk)  # [tq, tk]
+    ds = p * (dp - delta_blk[:, None])  # [tq, tk]: gradient of the logits
+    dbias = None if bias_tile is None else ds
+    d_raw = ds * scale if t is None else ds * (scale * (1.0 - t * t))  # through soft cap and scale
+    dq = jnp.einsum("qk,kd->qd", d_raw, k_blk)  # [tq, d_k]
+    dk = jnp.einsum("qk,qd->kd", d_raw, q_blk)  # [tk, d_k]
+    return dq, dk, dv, dbias
