@@ -57,7 +57,8 @@ def attention_head(
             visible = visible & m
     row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1)  # [T]
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    p = jnp.where(visible, jnp.exp(logits - row_max[:, None]), 0.0)  # [T, S]
+    # Mask before exp: a hidden logit far above the row max must not overflow (inf · 0 = NaN in grads).
+    p = jnp.exp(jnp.where(visible, logits - row_max[:, None], -jnp.inf))  # [T, S]
     row_sum = jnp.sum(p, axis=-1)  # [T]
     seen = row_sum > 0
     safe_sum = jnp.where(seen, row_sum, 1.0)
