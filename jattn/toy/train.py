@@ -1,0 +1,173 @@
+"""Training state, the jitted train/eval steps and greedy decoding with the KV cache.
+
+Shape glossary: B batch, T = 2L+1 model input length, L source length, P = L+2 prompt
+length, V vocabulary, N heads.
+
+Everything here is a pure function of its arguments: the model's structure (``graphdef``)
+and the optimizer are bound in by ``jit_steps``; the state (step, parameters, optimizer
+state) is an explicit pytree, donated to ``train_step``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jattn.toy import data, mesh as mesh_lib
+from jattn.toy.model import create_model
+
+# Gradient-norm names recorded at every log step: per layer the attention projections,
+# plus the token embedding and the output layer.
+PROJECTIONS = {"W_Q": "query", "W_K": "key", "W_V": "value", "W_O": "out"}
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # [] int32: optimizer steps taken
+    params: nnx.State  # the model's nnx.Param variables
+    opt_state: Any  # optax state of make_optimizer
+
+
+def make_schedule(config) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate``, then cosine decay to 0."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps, config.num_train_steps, end_value=0.0
+    )
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(make_schedule(config), b2=0.98, weight_decay=config.weight_decay),
+    )
+
+
+def create_train_state(config, mesh) -> tuple[nnx.GraphDef, TrainState]:
+    """The model structure and an initial state, replicated over ``mesh``."""
+    tx = make_optimizer(config)
+
+    def init() -> TrainState:
+        params = nnx.state(create_model(config, nnx.Rngs(params=config.seed)), nnx.Param)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, nnx.Rngs(params=0))))
+    state = jax.jit(init, out_shardings=mesh_lib.replicated(mesh))()
+    return graphdef, state
+
+
+def _positions(tokens: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)  # [B, T]
+
+
+def _loss_and_metrics(params, batch: data.Batch, graphdef):
+    model = nnx.merge(graphdef, params)
+    logits = model(batch.inputs, _positions(batch.inputs))  # [B, T, V]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)  # [B, T]
+    count = jnp.sum(batch.weights)
+    loss = jnp.sum(ce * batch.weights) / count
+    correct = (jnp.argmax(logits, -1) == batch.targets).astype(jnp.float32)  # [B, T]
+    token_accuracy = jnp.sum(correct * batch.weights) / count
+    return loss, token_accuracy
+
+
+def gradient_norms(grads: nnx.State) -> dict[str, jax.Array]:
+    """L2 norms of the W_Q/W_K/W_V/W_O kernels of each layer, the embedding and the output."""
+    g = grads.to_pure_dict()
+    norms = {"embed": optax.global_norm(g["embed"]), "output": optax.global_norm(g["output"])}
+    for i in sorted(g["blocks"]):
+        attn = g["blocks"][i]["attn"]
+        for name, module in PROJECTIONS.items():
+            norms[f"layer{i}/{name}"] = jnp.linalg.norm(attn[module]["kernel"])
+    return norms
+
+
+def train_step(state: TrainState, batch: data.Batch, *, graphdef, tx, schedule):
+    """One AdamW step on ``batch``. Returns the new state and this step's metrics."""
+    grad_fn = jax.value_and_grad(_loss_and_metrics, has_aux=True)
+    (loss, token_accuracy), grads = grad_fn(state.params, batch, graphdef)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "token_accuracy": token_accuracy,
+        "learning_rate": schedule(state.step),
+        "grad_norm/global": optax.global_norm(grads),
+        **{f"grad_norm/{k}": v for k, v in gradient_norms(grads).items()},
+    }
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def decode(params, prompt: jax.Array, *, graphdef, num_new: int) -> jax.Array:
+    """Greedy decoding with the KV cache: ``prompt [B, P]`` -> ``num_new`` tokens [B, num_new].
+
+    One token per step: the prompt tokens are fed in turn (filling the cache), then each
+    step feeds the previous step's argmax.
+    """
+    B, P = prompt.shape
+    length = P + num_new - 1  # tokens ever fed to the model
+    model = nnx.merge(graphdef, params)
+    model.init_cache(B, length)
+    cache_graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
+    tokens = jnp.concatenate([prompt, jnp.full((B, num_new), data.PAD, prompt.dtype)], 1)  # [B, P+num_new]
+
+    def step(carry, t):
+        cache, tokens = carry
+        model = nnx.merge(cache_graphdef, params, cache)
+        current = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)  # [B, 1]
+        logits = model(current, jnp.full((B, 1), t), decode=True)  # [B, 1, V]
+        following = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)  # [B, 1]
+        chosen = jnp.where(t + 1 >= P, jnp.argmax(logits, -1).astype(tokens.dtype), following)  # [B, 1]
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen, t + 1, axis=1)
+        return (nnx.state(model, nnx.Cache), tokens), None
+
+    (_, tokens), _ = jax.lax.scan(step, (cache, tokens), jnp.arange(length))
+    return tokens[:, P:]  # [B, num_new]
+
+
+def eval_step(params, batch: data.Batch, *, graphdef, seq_len: int):
+    """Held-out metrics: teacher-forced loss, and greedy-decoding token/sequence accuracy."""
+    loss, _ = _loss_and_metrics(params, batch, graphdef)
+    outputs = decode(params, data.prompts(batch, seq_len), graphdef=graphdef, num_new=seq_len)  # [B, L]
+    correct = outputs == data.expected_outputs(batch, seq_len)  # [B, L]
+    metrics = {
+        "eval_loss": loss,
+        "token_accuracy": jnp.mean(correct.astype(jnp.float32)),
+        "seq_accuracy": jnp.mean(jnp.all(correct, axis=1).astype(jnp.float32)),
+    }
+    return metrics, outputs
+
+
+def attention_maps(params, inputs: jax.Array, *, graphdef) -> jax.Array:
+    """Attention weights of every layer for ``inputs [B, T]``: [layers, B, N, T, T]."""
+    model = nnx.merge(graphdef, params)
+    model(inputs, _positions(inputs), sow_weights=True)
+    sown = nnx.pop(model, nnx.Intermediate).to_pure_dict()
+    return jnp.stack([sown["blocks"][i]["attn"]["attention_weights"][0] for i in sorted(sown["blocks"])])
+
+
+class Steps(NamedTuple):
+    """The jitted functions of one model/optimizer; see the functions of the same names."""
+
+    train_step: Callable  # (state, batch) -> (state, metrics); state donated
+    eval_step: Callable  # (params, batch) -> (metrics, outputs [B, L])
+    attention_maps: Callable  # (params, inputs [B, T]) -> [layers, B, N, T, T]
+    train_batch: Callable  # (step) -> Batch, sharded over the data axis
+
+
+def jit_steps(config, graphdef, mesh) -> Steps:
+    rep, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+    train = functools.partial(train_step, graphdef=graphdef, tx=make_optimizer(config),
+                              schedule=make_schedule(config))
+    batch_fn = functools.partial(data.train_batch, config.seed, batch_size=config.batch_size,
+                                 seq_len=config.seq_len, vocab_size=config.vocab_size, task=config.task)
+    return Steps(
+        train_step=jax.jit(train, donate_argnums=0, out_shardings=(rep, rep)),
+        eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef, seq_len=config.seq_len),
+                          out_shardings=(rep, rep)),
+        attention_maps=jax.jit(functools.partial(attention_maps, graphdef=graphdef)),
+        train_batch=jax.jit(batch_fn, out_shardings=sharded),
+    )

@@ -1,0 +1,99 @@
+"""Check a toy-trainer config before anything is built or compiled.
+
+``validate(config)`` rejects unknown fields, wrong types and bad values, and raises one
+``ValueError`` listing every problem as ``config.<field>: expected ..., got ...``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import ml_collections
+
+TASKS = ("copy", "reverse")
+NUM_SPECIAL_TOKENS = 3  # PAD, BOS, SEP (see jattn.toy.data)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+# field -> (type, value predicate, description of the allowed values)
+_INT, _REAL = int, numbers.Real
+SCHEMA: dict[str, Any] = {
+    "task": (str, lambda v: v in TASKS, f"one of {TASKS}"),
+    "seq_len": (_INT, _positive, "a positive int"),
+    "vocab_size": (_INT, lambda v: v >= NUM_SPECIAL_TOKENS + 2,
+                   f"an int >= {NUM_SPECIAL_TOKENS + 2} ({NUM_SPECIAL_TOKENS} specials + >= 2 symbols)"),
+    "num_eval_sequences": (_INT, _positive, "a positive int"),
+    "num_layers": (_INT, _positive, "a positive int"),
+    "d_model": (_INT, lambda v: v > 0 and v % 2 == 0, "a positive even int (sinusoidal positions)"),
+    "num_heads": (_INT, _positive, "a positive int"),
+    "mlp_dim": (_INT, _positive, "a positive int"),
+    "num_train_steps": (_INT, _positive, "a positive int"),
+    "batch_size": (_INT, _positive, "a positive int"),
+    "learning_rate": (_REAL, _positive, "a positive number"),
+    "warmup_steps": (_INT, _non_negative, "a non-negative int"),
+    "weight_decay": (_REAL, _non_negative, "a non-negative number"),
+    "grad_clip_norm": (_REAL, _positive, "a positive number"),
+    "seed": (_INT, _non_negative, "a non-negative int"),
+    "log_every_steps": (_INT, _positive, "a positive int"),
+    "eval_every_steps": (_INT, _positive, "a positive int"),
+    "num_samples_to_print": (_INT, _non_negative, "a non-negative int"),
+    "checkpoint_every_steps": (_INT, _positive, "a positive int"),
+    "max_checkpoints_to_keep": (_INT, _positive, "a positive int"),
+    "check_grads": (bool, lambda v: True, "a bool"),
+    "mesh": {
+        "data": (_INT, lambda v: v == -1 or v > 0, "-1 (all local devices) or a positive int"),
+    },
+}
+
+
+def _type_ok(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _check_fields(config, schema: dict, prefix: str, problems: list[str]) -> None:
+    keys = set(config.keys())
+    for unknown in sorted(keys - set(schema)):
+        problems.append(f"{prefix}{unknown}: unknown field (allowed: {', '.join(sorted(schema))})")
+    for name, spec in schema.items():
+        where = f"{prefix}{name}"
+        if name not in keys:
+            problems.append(f"{where}: missing field")
+            continue
+        value = config[name]
+        if isinstance(spec, dict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                problems.append(f"{where}: expected a ConfigDict section, got {value!r}")
+            else:
+                _check_fields(value, spec, where + ".", problems)
+            continue
+        kind, ok, allowed = spec
+        if not _type_ok(value, kind) or not ok(value):
+            problems.append(f"{where}: expected {allowed}, got {value!r}")
+
+
+def validate(config) -> None:
+    """Raise ``ValueError`` naming every unknown field and bad value of ``config``."""
+    problems: list[str] = []
+    _check_fields(config, SCHEMA, "config.", problems)
+    if not problems:  # relations between fields, once each field is valid on its own
+        if config.d_model % config.num_heads:
+            problems.append(
+                f"config.num_heads: expected a divisor of d_model={config.d_model}, got {config.num_heads}"
+            )
+        if config.warmup_steps >= config.num_train_steps:
+            problems.append(
+                f"config.warmup_steps: expected < num_train_steps={config.num_train_steps}, "
+                f"got {config.warmup_steps}"
+            )
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
