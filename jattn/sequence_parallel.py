@@ -1,0 +1,116 @@
+"""``sequence_parallel_attention``: ring attention over a mesh axis, wrapped in ``jax.shard_map``.
+
+Shape glossary: B batch, T query length, S key length, N query heads, K key/value heads,
+H head dim, Hv value head dim, P devices on the sequence axis.
+
+The inputs may be unsharded or sharded in any way; they are resharded to the layout the ring
+needs (sequence over ``axis_name``; batch over ``batch_axis`` and heads over ``head_axis``
+when given) and the output comes back sharded that way. Explicit mesh axes (``jax.make_mesh``'s
+default) are resharded with ``jax.reshard``; Auto axes are left to ``shard_map``.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jattn import _checks
+from jattn.ring import LAYOUTS, _check_divisible, check_arrays, ring_attention
+
+
+def _place(x, mesh: Mesh, spec: P):
+    """Reshard ``x`` along the Explicit axes of ``spec``; shard_map itself places Auto axes."""
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if AxisType.Explicit not in types.values():
+        return x
+    explicit = P(*(a if a is not None and types[a] == AxisType.Explicit else None for a in spec))
+    return jax.reshard(x, NamedSharding(mesh, explicit))
+
+
+def _axis_size(mesh: Mesh, name: str, axis) -> int:
+    """Size of mesh axis ``axis`` (1 for None), or a ValueError naming the argument."""
+    if axis is None:
+        return 1
+    if axis not in mesh.axis_names:
+        raise ValueError(f"{name}: expected one of the mesh axes {tuple(mesh.axis_names)}, got {axis!r}")
+    return mesh.shape[axis]
+
+
+def _divides(name: str, what: str, n: int, size: int, axis) -> None:
+    if n % size:
+        raise ValueError(f"{name}: expected {what} divisible by the size {size} of mesh axis {axis!r}, got {n}")
+
+
+def sequence_parallel_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    mesh: Mesh,
+    axis_name: str,
+    batch_axis: str | None = None,
+    head_axis: str | None = None,
+    layout: str = "contiguous",
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    **kwargs,
+):
+    """Attention with the sequence sharded over mesh axis ``axis_name`` (ring attention).
+
+    ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Hv]`` are GLOBAL arrays,
+    sharded or not; T and S must be divisible by P (by 2P for ``layout='zigzag'``). Rows are
+    stored in ``layout``: for ``'zigzag'`` (causal load balance) the caller has permuted them
+    with ``jattn.ring.to_layout`` and passes positions ``jattn.ring.layout_positions`` to RoPE;
+    see ``jattn.ring``. Optionally shard the batch over ``batch_axis`` and the heads (N and K)
+    over ``head_axis``. ``kwargs`` go to ``jattn.ring_attention``: ``is_causal``, ``scale``,
+    ``logits_soft_cap``. Lengths ``[B]`` and segment ids ``[B, T]`` / ``[B, S]`` are as in
+    ``jattn.dot_product_attention`` (segment ids in the same layout as the rows).
+
+    Returns ``[B, T, N, Hv]`` sharded as ``P(batch_axis, axis_name, head_axis)``, equal to
+    ``jattn.dot_product_attention`` on the same arrays.
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh (e.g. from jax.make_mesh), got {type(mesh).__name__}")
+    if axis_name is None:
+        raise ValueError(f"axis_name: expected one of the mesh axes {tuple(mesh.axis_names)}, got None")
+    P_seq = _axis_size(mesh, "axis_name", axis_name)
+    n_batch = _axis_size(mesh, "batch_axis", batch_axis)
+    n_head = _axis_size(mesh, "head_axis", head_axis)
+    used = [a for a in (axis_name, batch_axis, head_axis) if a is not None]
+    if len(set(used)) != len(used):
+        raise ValueError(f"axis_name, batch_axis, head_axis: expected distinct mesh axes, got {tuple(used)}")
+    B, T, S, N, K = check_arrays(
+        query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
+        q_segment_ids, kv_segment_ids,
+    )
+    _checks.choice("layout", layout, LAYOUTS)
+    _check_divisible("query", T, P_seq, layout)
+    _check_divisible("key", S, P_seq, layout)
+    _divides("query", "a batch size", B, n_batch, batch_axis)
+    _divides("query", "a number of heads", N, n_head, head_axis)
+    _divides("key", "a number of heads", K, n_head, head_axis)
+
+    rows = P(batch_axis, axis_name, head_axis)  # [B, T|S, N|K, H]
+    arrays = {"query": query, "key": key, "value": value}
+    specs = {"query": rows, "key": rows, "value": rows}
+    per_example = {
+        "query_seq_lengths": (query_seq_lengths, P(batch_axis)),  # [B]
+        "key_value_seq_lengths": (key_value_seq_lengths, P(batch_axis)),  # [B]
+        "q_segment_ids": (q_segment_ids, P(batch_axis, axis_name)),  # [B, T]
+        "kv_segment_ids": (kv_segment_ids, P(batch_axis, axis_name)),  # [B, S]
+    }
+    for name, (x, spec) in per_example.items():
+        if x is not None:
+            arrays[name], specs[name] = x, spec
+    arrays = {name: _place(x, mesh, specs[name]) for name, x in arrays.items()}
+
+    def local(arrays):
+        return ring_attention(**arrays, axis_name=axis_name, layout=layout, **kwargs)
+
+    run = jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=rows)
+    return run(arrays)
