@@ -20,18 +20,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_heads = 4  # attention heads per block; must divide d_model
     c.mlp_dim = 256  # hidden width of each block's MLP
     # --- optimisation: AdamW, linear warmup then cosine decay to 0, global-norm clipping ---
-    c.num_train_steps = 600  # optimizer steps
+    c.num_train_steps = 300  # optimizer steps (held-out accuracy is ~1.0 after ~150)
     c.batch_size = 64  # sequences per step (split over the 'data' mesh axis)
     c.learning_rate = 3e-3  # peak learning rate, reached after warmup_steps
-    c.warmup_steps = 50  # linear warmup from 0; must be < num_train_steps
+    c.warmup_steps = 30  # linear warmup from 0; must be < num_train_steps
     c.weight_decay = 0.01  # AdamW decoupled weight decay
     c.grad_clip_norm = 1.0  # clip the global gradient norm to this value
     c.seed = 0  # seeds parameters and the data stream; a run is reproducible from it
     # --- logging, evaluation, checkpoints ---
-    c.log_every_steps = 25  # write a metrics.jsonl row (loss, accuracy, gradient norms)
-    c.eval_every_steps = 200  # greedy-decode the held-out set and print samples
+    c.log_every_steps = 10  # write a metrics.jsonl row (loss, accuracy, gradient norms)
+    c.eval_every_steps = 100  # greedy-decode the held-out set and print samples
     c.num_samples_to_print = 3  # decoded samples shown (CORRECT/INCORRECT) per eval
-    c.checkpoint_every_steps = 200  # orbax checkpoint interval (and one at the end)
+    c.checkpoint_every_steps = 100  # orbax checkpoint interval (and one at the end)
     c.max_checkpoints_to_keep = 2  # older checkpoints are deleted
     c.check_grads = True  # at start-up, compare jattn's gradients with finite differences
     # --- device mesh (issue 6 adds more axes) ---

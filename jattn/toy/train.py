@@ -76,7 +76,7 @@ def _loss_and_metrics(params, batch: data.Batch, graphdef):
 
 def gradient_norms(grads: nnx.State) -> dict[str, jax.Array]:
     """L2 norms of the W_Q/W_K/W_V/W_O kernels of each layer, the embedding and the output."""
-    g = grads.to_pure_dict()
+    g = nnx.to_pure_dict(grads)
     norms = {"embed": optax.global_norm(g["embed"]), "output": optax.global_norm(g["output"])}
     for i in sorted(g["blocks"]):
         attn = g["blocks"][i]["attn"]
@@ -143,9 +143,9 @@ def eval_step(params, batch: data.Batch, *, graphdef, seq_len: int):
 
 def attention_maps(params, inputs: jax.Array, *, graphdef) -> jax.Array:
     """Attention weights of every layer for ``inputs [B, T]``: [layers, B, N, T, T]."""
-    model = nnx.merge(graphdef, params)
-    model(inputs, _positions(inputs), sow_weights=True)
-    sown = nnx.pop(model, nnx.Intermediate).to_pure_dict()
+    forward = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)
+    _, sown = forward(inputs, _positions(inputs), sow_weights=True)
+    sown = nnx.to_pure_dict(sown)
     return jnp.stack([sown["blocks"][i]["attn"]["attention_weights"][0] for i in sorted(sown["blocks"])])
 
 

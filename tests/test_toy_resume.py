@@ -1,0 +1,74 @@
+"""Toy trainer: a run SIGKILLed mid-training and restarted ends exactly like an uninterrupted one.
+
+Runs ``train_toy.py`` in subprocesses with ``configs/tiny.py`` shortened to 12 steps,
+checkpointing every 5. The killed run dies right after step 8 (``JATTN_TOY_SIGKILL_AFTER_STEP``),
+after logging it and before any later checkpoint; before restarting we also leave two fake
+incomplete checkpoints (an orbax tmp directory and a step directory without orbax's commit
+marker) that must not be loaded.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OVERRIDES = [
+    f"--config={ROOT / 'configs' / 'tiny.py'}",
+    "--config.num_train_steps=12",
+    "--config.checkpoint_every_steps=5",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=100",
+    "--config.num_eval_sequences=8",
+    "--config.num_samples_to_print=1",
+    "--config.check_grads=False",
+]
+
+
+def _train(workdir, kill_after=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    if kill_after is not None:
+        env["JATTN_TOY_SIGKILL_AFTER_STEP"] = str(kill_after)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_toy.py"), f"--workdir={workdir}", *OVERRIDES],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    ref = _train(straight)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    first = _train(killed, kill_after=8)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert not (killed / "summary.json").exists()
+    assert [r["step"] for r in _rows(killed)] == list(range(1, 9))
+    ckpts = killed / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["5"]
+    # What a save killed midway would leave, and a step directory orbax never finished.
+    (ckpts / "10.orbax-checkpoint-tmp-1234" / "default").mkdir(parents=True)
+    (ckpts / "10.orbax-checkpoint-tmp-1234" / "default" / "garbage").write_text("partial")
+    (ckpts / "11" / "default").mkdir(parents=True)
+
+    second = _train(killed)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint at step 5" in second.stdout
+    assert "discarded incomplete checkpoint" in second.stdout
+
+    expected = json.loads((straight / "summary.json").read_text())
+    resumed = json.loads((killed / "summary.json").read_text())
+    assert resumed["resumed_from_step"] == 5
+    assert abs(resumed["final_loss"] - expected["final_loss"]) <= 1e-6, (resumed, expected)
+    # the whole loss curve is reproduced, and no step is logged twice
+    assert [r["step"] for r in _rows(killed)] == list(range(1, 13))
+    for a, b in zip(_rows(killed), _rows(straight)):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["10", "12"]
