@@ -2,10 +2,22 @@
 
 from jattn import masks
 from jattn.attention import attention
+from jattn.flax_attention_fn import flax_attention_fn
 from jattn.multihead import dot_product_attention
 from jattn.ring import ring_attention
 from jattn.sequence_parallel import sequence_parallel_attention
+from jattn.rope import apply_rope
 
 __all__ = ["attention", "dot_product_attention", "masks"]
+__all__ += ["apply_rope", "flax_attention_fn"]
 __all__ += ["ring_attention", "sequence_parallel_attention"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``jattn.nnx`` / ``jattn.linen`` import Flax's module system on first use only."""
+    if name in ("nnx", "linen"):
+        import importlib
+
+        return importlib.import_module(f"jattn.{name}")
+    raise AttributeError(f"module 'jattn' has no attribute {name!r}")

@@ -1,0 +1,115 @@
+"""Fixed-size KV cache for autoregressive decoding, shared by the NNX and Linen modules.
+
+Shape glossary: B batch (any number of leading dims; flattened inside), T new tokens in this
+call, L cache capacity (max length), K kv heads, H head dim, F input features.
+
+Layout: ``cached_key``/``cached_value`` are ``[*B, L, K, H]`` (K kv heads, never repeated for
+GQA/MQA) and ``cache_index`` is ``[*B]`` int32: the number of valid tokens in each row.
+
+Ragged batches are RIGHT-padded: a call brings ``[*B, T]`` new tokens of which the first
+``lengths[b]`` are real. Row b writes its T tokens at positions ``cache_index[b] + t``; only
+``cache_index[b] + lengths[b]`` of them count, so the padding is masked out and overwritten
+by the row's next call. Writes at positions ``>= L`` are dropped (never clamped onto other
+slots); eagerly this is a ``ValueError``, under ``jit`` the caller must keep rows within L.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn import _checks, masks
+
+
+def cache_shape(input_shape, num_kv_heads: int, head_dim: int, features: tuple[int, ...]) -> tuple[int, ...]:
+    """``input_shape [*B, L, F]`` -> the cache shape ``[*B, L, K, H]``, or a ValueError."""
+    if (not isinstance(input_shape, (tuple, list)) or len(input_shape) < 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
+        raise ValueError(
+            f"input_shape: expected a tuple of positive ints [*B, max_length, features], got {input_shape!r}"
+        )
+    if input_shape[-1] not in features:
+        raise ValueError(
+            f"input_shape: expected the last dim (features) to be one of {sorted(set(features))}, "
+            f"got input_shape={tuple(input_shape)}"
+        )
+    return (*input_shape[:-1], num_kv_heads, head_dim)
+
+
+class Step(NamedTuple):
+    key: jax.Array  # [*B, L, K, H] the whole cache after the write
+    value: jax.Array  # [*B, L, K, Hv]
+    index: jax.Array  # [*B] valid tokens per row after this call
+    positions: jax.Array  # [*B, T] absolute position of each new token
+    mask: jax.Array  # [*B, 1, T, L] bool: which cache slots each new query sees
+
+
+def positions(index: jax.Array, T: int) -> jax.Array:
+    """[*B] cache index -> [*B, T] absolute positions of the new tokens."""
+    return index[..., None] + jnp.arange(T, dtype=index.dtype)  # [*B, T]
+
+
+def check_step(cached_key, cache_index, key_shape, query_len: int, lengths) -> None:
+    """Static checks of one decode call against the cache (trace time), plus an eager bound check."""
+    *batch, L, K, H = cached_key.shape
+    *kbatch, T, Kk, Hk = key_shape
+    if tuple(kbatch) != tuple(batch) or (Kk, Hk) != (K, H):
+        raise ValueError(
+            f"decode: expected new keys of shape {tuple(batch) + ('T', K, H)} to match the cache "
+            f"{tuple(cached_key.shape)} (init_cache input_shape), got {tuple(key_shape)}"
+        )
+    if query_len != T:
+        raise ValueError(f"decode: expected as many query tokens as new keys ({T}), got {query_len}")
+    if T > L:
+        raise ValueError(f"decode: {T} new tokens cannot fit a cache of max_length {L}")
+    if lengths is not None:
+        _checks.integer("lengths", lengths)
+        _checks.exact_shape("lengths", lengths, tuple(batch), "[*B] valid new tokens per row")
+    if any(isinstance(a, jax.core.Tracer) for a in (cache_index, lengths)):
+        return  # under jit the values are unknown; writes past L are dropped
+    n_new = np.full(tuple(batch), T) if lengths is None else np.asarray(lengths)
+    if np.any(n_new < 0) or np.any(n_new > T):
+        raise ValueError(f"lengths: expected values in [0, {T}], got {n_new.tolist()}")
+    held = np.asarray(cache_index) + n_new
+    if np.any(held > L):
+        raise ValueError(f"decode: writing past the cache: rows would hold {held.tolist()} tokens, max_length is {L}")
+
+
+@functools.partial(jax.jit, static_argnames=("is_causal",))
+def step(cached_key, cached_value, cache_index, key, value, lengths=None, *, is_causal: bool) -> Step:
+    """Write ``key/value [*B, T, K, H]`` at each row's index; build the decode mask.
+
+    Query t of row b sits at position ``index[b] + t``. It sees cache slot s iff
+    ``s < index[b] + lengths[b]`` (written and valid) and, with ``is_causal``, ``s <= index[b] + t``.
+    """
+    *batch, L, K, H = cached_key.shape
+    T = key.shape[-3]
+    B = math.prod(batch)
+    index = jnp.reshape(cache_index, (B,))  # [B]
+    pos = positions(index, T)  # [B, T]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))  # [B, T]
+
+    def write(cache, new):
+        flat = jnp.reshape(cache, (B, L) + cache.shape[-2:])  # [B, L, K, H]
+        new = jnp.reshape(new, (B, T) + new.shape[-2:]).astype(cache.dtype)  # [B, T, K, H]
+        flat = flat.at[rows, pos].set(new, mode="drop")
+        return jnp.reshape(flat, cache.shape)  # [*B, L, K, H]
+
+    n_new = T if lengths is None else jnp.reshape(jnp.asarray(lengths, index.dtype), (B,))
+    end = index + n_new  # [B]
+    slot = jnp.arange(L)[None, None, :]  # [1, 1, L]
+    visible = masks.padding(pos[:, :, None], slot, kv_length=end[:, None, None])  # [B, T, L]
+    if is_causal:
+        visible = visible & masks.causal(pos[:, :, None], slot)  # [B, T, L]
+    return Step(
+        key=write(cached_key, key),
+        value=write(cached_value, value),
+        index=jnp.reshape(end, tuple(batch)).astype(cache_index.dtype),
+        positions=jnp.reshape(pos, tuple(batch) + (T,)),  # [*B, T]
+        mask=jnp.reshape(visible, tuple(batch) + (1, T, L)),  # [*B, 1, T, L]
+    )

@@ -1,0 +1,270 @@
+"""``jattn.nnx.MultiHeadAttention``: a drop-in for ``flax.nnx.MultiHeadAttention`` on jattn.
+
+Shape glossary: B batch (any number of leading dims), T query length, S key length,
+L cache capacity, F input features, N query heads, K kv heads, H head dim.
+
+Parameters are Flax's, with the same names and shapes: ``query.kernel [F, N, H]``,
+``key/value.kernel [F, K, H]``, biases ``[N|K, H]``, ``out.kernel [N, H, F_out]``,
+``out.bias [F_out]``, and ``query_ln/key_ln.scale [H]`` with ``normalize_qk``. So
+``nnx.update(ours, nnx.state(flax_layer, nnx.Param))`` ports a Flax layer unchanged.
+
+Decoding (``decode=True`` after ``init_cache``) appends any number of new tokens per call,
+with per-row lengths for right-padded ragged prompts (see ``jattn._kv_cache``); with
+``is_causal=True`` the causal mask is aligned to each row's cache position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+from flax.nnx.nn.linear import default_kernel_init
+
+from jattn import _checks, _kv_cache
+from jattn.flax_attention_fn import flax_attention_fn
+from jattn.rope import apply_rope
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention with Flax NNX's constructor, call and parameters, computed by jattn.
+
+    Arguments as in ``flax.nnx.MultiHeadAttention`` (``num_heads, in_features, qkv_features,
+    out_features, num_kv_heads, in_kv_features, dtype, param_dtype, broadcast_dropout,
+    dropout_rate, deterministic, precision, kernel_init, out_kernel_init, bias_init,
+    out_bias_init, use_bias, decode, normalize_qk, *_promote_dtype, rngs, keep_rngs,
+    *_metadata``), except ``attention_fn`` (jattn is the attention) and the deprecated
+    ``*_dot_general*`` hooks. ``decode=None`` means False.
+
+    Extras:
+      implementation: passed to ``jattn.dot_product_attention`` (None = automatic).
+      logits_soft_cap: ``c·tanh(scores/c)`` on the attention scores.
+      rope_base: if set, rotary position embedding with this base is applied to the projected
+        queries and keys (after ``normalize_qk``, before caching). Positions default to
+        ``0..T-1`` / ``0..S-1``, and to each row's cache position in decode mode.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        in_kv_features: int | None = None,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        broadcast_dropout: bool = True,
+        dropout_rate: float = 0.0,
+        deterministic: bool | None = None,
+        precision=None,
+        kernel_init=default_kernel_init,
+        out_kernel_init=None,
+        bias_init=initializers.zeros_init(),
+        out_bias_init=None,
+        use_bias: bool = True,
+        decode: bool | None = None,
+        normalize_qk: bool = False,
+        qkv_promote_dtype=dtypes.promote_dtype,
+        out_promote_dtype=dtypes.promote_dtype,
+        ln_promote_dtype=dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        keep_rngs: bool = True,
+        kernel_metadata: Mapping[str, Any] = _EMPTY,
+        out_kernel_metadata: Mapping[str, Any] = _EMPTY,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        out_bias_metadata: Mapping[str, Any] = _EMPTY,
+        query_ln_scale_metadata: Mapping[str, Any] = _EMPTY,
+        key_ln_scale_metadata: Mapping[str, Any] = _EMPTY,
+        implementation: str | None = None,
+        logits_soft_cap: float | None = None,
+        rope_base: float | None = None,
+    ):
+        self.num_heads = num_heads
+        self.in_features = in_features
+        self.qkv_features = qkv_features if qkv_features is not None else in_features
+        self.out_features = out_features if out_features is not None else in_features
+        self.in_kv_features = in_kv_features if in_kv_features is not None else in_features
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        if self.num_kv_heads <= 0 or num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {self.num_kv_heads}")
+        if self.qkv_features % num_heads:
+            raise ValueError(
+                f"qkv_features: expected a multiple of num_heads={num_heads}, got {self.qkv_features}"
+            )
+        self.head_dim = self.qkv_features // num_heads
+        if rope_base is not None and self.head_dim % 2:
+            raise ValueError(f"rope_base: RoPE needs an even head dim, got head_dim={self.head_dim}")
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.broadcast_dropout = broadcast_dropout
+        self.dropout_rate = _checks.concrete_number("dropout_rate", dropout_rate, low=0, high=1, high_open=True)
+        self.deterministic = deterministic
+        self.precision = precision
+        self.use_bias = use_bias
+        self.decode = decode
+        self.normalize_qk = normalize_qk
+        self.implementation = implementation
+        self.logits_soft_cap = logits_soft_cap
+        self.rope_base = rope_base
+
+        def projection(in_features, heads):
+            return nnx.LinearGeneral(
+                in_features, (heads, self.head_dim),
+                dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init,
+                use_bias=use_bias, precision=precision, promote_dtype=qkv_promote_dtype,
+                kernel_metadata=kernel_metadata, bias_metadata=bias_metadata, rngs=rngs,
+            )
+
+        self.query = projection(self.in_features, num_heads)  # [*B, T, F] -> [*B, T, N, H]
+        self.key = projection(self.in_kv_features, self.num_kv_heads)  # [*B, S, F] -> [*B, S, K, H]
+        self.value = projection(self.in_kv_features, self.num_kv_heads)  # [*B, S, F] -> [*B, S, K, H]
+        if normalize_qk:
+            def norm(metadata):
+                return nnx.LayerNorm(
+                    self.head_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                    promote_dtype=ln_promote_dtype, scale_metadata=metadata, rngs=rngs,
+                )
+            self.query_ln = norm(query_ln_scale_metadata)
+            self.key_ln = norm(key_ln_scale_metadata)
+        else:
+            self.query_ln = nnx.data(None)
+            self.key_ln = nnx.data(None)
+        self.out = nnx.LinearGeneral(  # [*B, T, N, H] -> [*B, T, F_out]
+            (num_heads, self.head_dim), self.out_features, axis=(-2, -1),
+            dtype=dtype, param_dtype=param_dtype,
+            kernel_init=out_kernel_init or kernel_init, bias_init=out_bias_init or bias_init,
+            use_bias=use_bias, precision=precision, promote_dtype=out_promote_dtype,
+            kernel_metadata=out_kernel_metadata or kernel_metadata,
+            bias_metadata=out_bias_metadata or bias_metadata, rngs=rngs,
+        )
+        self.rngs = rngs.dropout.fork() if keep_rngs and self.dropout_rate > 0 else nnx.data(None)
+        self.cached_key = nnx.data(None)
+        self.cached_value = nnx.data(None)
+        self.cache_index = nnx.data(None)
+
+    def init_cache(self, input_shape, dtype=jnp.float32) -> None:
+        """Allocate an empty cache for inputs of shape ``[*B, max_length, F]``.
+
+        Creates ``cached_key``/``cached_value`` ``[*B, max_length, K, H]`` of ``dtype`` and
+        ``cache_index [*B]`` (int32 zeros: tokens held per row).
+        """
+        shape = _kv_cache.cache_shape(
+            input_shape, self.num_kv_heads, self.head_dim, (self.in_features, self.in_kv_features)
+        )
+        _checks.floating("dtype", jnp.zeros((), dtype))
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_index = nnx.Cache(jnp.zeros(shape[:-3], jnp.int32))
+
+    def _dropout_rng(self, deterministic, rngs):
+        if self.dropout_rate == 0.0:
+            return None
+        deterministic = deterministic if deterministic is not None else self.deterministic
+        if deterministic is None:
+            raise ValueError(
+                "deterministic: expected True or False (as a call argument or constructor argument) "
+                f"since dropout_rate={self.dropout_rate} > 0, got None"
+            )
+        if deterministic:
+            return None
+        stream = rngs if rngs is not None else self.rngs
+        if isinstance(stream, nnx.Rngs):
+            stream = stream.dropout
+        if stream is None:
+            raise ValueError("rngs: expected nnx.Rngs for dropout (keep_rngs=False), got None")
+        return stream()
+
+    def __call__(
+        self,
+        inputs_q,
+        inputs_k=None,
+        inputs_v=None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs=None,
+        sow_weights: bool = False,
+        decode: bool | None = None,
+        is_causal: bool = False,
+        lengths=None,
+        positions=None,
+        kv_positions=None,
+    ):
+        """Attention of ``inputs_q [*B, T, F]`` over ``inputs_k/inputs_v [*B, S, F_kv]``.
+
+        As in Flax: ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``;
+        ``mask [*B, N|1, T, S]`` (True = attend); the call's ``deterministic``, ``rngs`` and
+        ``decode`` override the constructor's; ``sow_weights`` stores the weights
+        ``[*B, N, T, S]`` as ``nnx.Intermediate`` ``attention_weights``.
+
+        Decode mode (``S = L`` is the cache): the T new tokens are appended at each row's
+        ``cache_index``; ``mask`` then broadcasts to ``[*B, N, T, L]``. ``lengths [*B]``:
+        valid new tokens per row (right padding; default T). ``is_causal=True`` lets new token
+        t of row b see cache slots ``<= cache_index[b] + t``; ``False`` lets it see every
+        valid slot. Returns ``[*B, T, F_out]`` (padded tokens' outputs are meaningless).
+
+        ``positions [*B, T]`` / ``kv_positions [*B, S]``: RoPE positions (with ``rope_base``).
+        """
+        if inputs_k is None:
+            if inputs_v is not None:
+                raise ValueError("inputs_k: expected an array when inputs_v is given, got None")
+            inputs_k = inputs_q
+        if inputs_v is None:
+            inputs_v = inputs_k
+        for name, x, f in (("inputs_q", inputs_q, self.in_features),
+                           ("inputs_k", inputs_k, self.in_kv_features),
+                           ("inputs_v", inputs_v, self.in_kv_features)):
+            shape = _checks.rank(name, x, tuple(range(2, 64)), "[*B, length, features]")
+            if shape[-1] != f:
+                raise ValueError(f"{name}: expected {f} features (last dim), got shape {shape}")
+        decode = bool(decode if decode is not None else self.decode)
+        if lengths is not None and not decode:
+            raise ValueError("lengths: only used with decode=True (use mask otherwise), got an array")
+
+        query = self.query(inputs_q)  # [*B, T, N, H]
+        key = self.key(inputs_k)  # [*B, S, K, H]
+        value = self.value(inputs_v)  # [*B, S, K, H]
+        if self.normalize_qk:
+            query = self.query_ln(query)
+            key = self.key_ln(key)
+
+        if decode:
+            if self.cached_key is None:
+                raise ValueError("decode: the KV cache is not initialised; call init_cache(input_shape, dtype) first")
+            _kv_cache.check_step(self.cached_key, self.cache_index[...], key.shape, query.shape[-3], lengths)
+            pos = _kv_cache.positions(self.cache_index[...], query.shape[-3])  # [*B, T]
+            if self.rope_base is not None:
+                query = apply_rope(query, pos if positions is None else positions, self.rope_base)
+                key = apply_rope(key, pos if kv_positions is None else kv_positions, self.rope_base)
+            step = _kv_cache.step(
+                self.cached_key[...], self.cached_value[...], self.cache_index[...], key, value,
+                lengths, is_causal=is_causal,
+            )
+            self.cached_key[...] = step.key
+            self.cached_value[...] = step.value
+            self.cache_index[...] = step.index
+            key, value = step.key, step.value  # [*B, L, K, H]
+            mask = step.mask if mask is None else jnp.logical_and(step.mask, jnp.asarray(mask) != 0)
+            is_causal = False  # the step mask holds the cache-aligned causal structure
+        elif self.rope_base is not None:
+            T, S = query.shape[-3], key.shape[-3]
+            query = apply_rope(query, jnp.arange(T) if positions is None else positions, self.rope_base)
+            key = apply_rope(key, jnp.arange(S) if kv_positions is None else kv_positions, self.rope_base)
+
+        dropout_rng = self._dropout_rng(deterministic, rngs)
+        x = flax_attention_fn(
+            query, key, value, mask=mask,
+            dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+            deterministic=dropout_rng is None, dtype=self.dtype,
+            module=self if sow_weights else None, is_causal=is_causal,
+            implementation=self.implementation, logits_soft_cap=self.logits_soft_cap,
+        )  # [*B, T, N, H]
+        return self.out(x)  # [*B, T, F_out]
