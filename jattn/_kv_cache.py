@@ -26,19 +26,17 @@ import numpy as np
 from jattn import _checks, masks
 
 
-def cache_shape(input_shape, num_kv_heads: int, head_dim: int, features: tuple[int, ...]) -> tuple[int, ...]:
-    """``input_shape [*B, L, F]`` -> the cache shape ``[*B, L, K, H]``, or a ValueError."""
-    if (not isinstance(input_shape, (tuple, list)) or len(input_shape) < 2
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)):
-        raise ValueError(
-            f"input_shape: expected a tuple of positive ints [*B, max_length, features], got {input_shape!r}"
-        )
-    if input_shape[-1] not in features:
+def input_shape(shape, features: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Validate ``init_cache``'s ``input_shape [*B, max_length, F]`` (F in ``features`` if given)."""
+    if (not isinstance(shape, (tuple, list)) or len(shape) < 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise ValueError(f"input_shape: expected a tuple of positive ints [*B, max_length, features], got {shape!r}")
+    if features is not None and shape[-1] not in features:
         raise ValueError(
             f"input_shape: expected the last dim (features) to be one of {sorted(set(features))}, "
-            f"got input_shape={tuple(input_shape)}"
+            f"got input_shape={tuple(shape)}"
         )
-    return (*input_shape[:-1], num_kv_heads, head_dim)
+    return tuple(shape)
 
 
 class Step(NamedTuple):

@@ -156,9 +156,8 @@ class MultiHeadAttention(nnx.Module):
         Creates ``cached_key``/``cached_value`` ``[*B, max_length, K, H]`` of ``dtype`` and
         ``cache_index [*B]`` (int32 zeros: tokens held per row).
         """
-        shape = _kv_cache.cache_shape(
-            input_shape, self.num_kv_heads, self.head_dim, (self.in_features, self.in_kv_features)
-        )
+        input_shape = _kv_cache.input_shape(input_shape, (self.in_features, self.in_kv_features))
+        shape = input_shape[:-1] + (self.num_kv_heads, self.head_dim)  # [*B, L, K, H]
         _checks.floating("dtype", jnp.zeros((), dtype))
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))

@@ -1,0 +1,191 @@
+"""``jattn.linen.MultiHeadAttention``: a drop-in for ``flax.linen.MultiHeadDotProductAttention``.
+
+Shape glossary: B batch (any number of leading dims), T query length, S key length,
+L cache capacity, F input features, N query heads, K kv heads, H head dim.
+
+The params dict is Flax's: ``query/key/value/out`` with ``kernel`` (``[F, N|K, H]``;
+out ``[N, H, F_out]``) and ``bias``, plus ``query_ln/key_ln`` ``scale`` with ``normalize_qk``;
+so ``flax_module.init(...)['params']`` applies to this module unchanged. With ``num_kv_heads``
+(GQA/MQA, not in Flax's Linen module) the key/value kernels are ``[F, K, H]``.
+
+Decoding: the ``'cache'`` collection holds ``cached_key/cached_value [*B, L, K, H]`` and
+``cache_index [*B]`` (per-row lengths, right-padded ragged prompts; see ``jattn._kv_cache``).
+Create it as in Flax, ``model.init(key, x_of_shape_[*B, L, F])`` with ``decode=True``, or
+with ``model.init(key, (B, L, F), method=model.init_cache)``; then
+``model.apply({'params': p, 'cache': c}, x, mutable=['cache'])`` appends ``x``'s tokens.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen import initializers
+from flax.linen.linear import default_kernel_init
+from flax.linen.module import merge_param
+
+from jattn import _checks, _kv_cache
+from jattn.flax_attention_fn import flax_attention_fn
+from jattn.rope import apply_rope
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with Flax Linen's attributes, call and params, computed by jattn.
+
+    Attributes as in ``flax.linen.MultiHeadDotProductAttention`` (``num_heads, dtype,
+    param_dtype, qkv_features, out_features, broadcast_dropout, dropout_rate, deterministic,
+    precision, kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias, decode,
+    normalize_qk``), except ``attention_fn`` (jattn is the attention), ``force_fp32_for_softmax``
+    (jattn's softmax is always fp32) and the deprecated dot_general/einsum hooks.
+
+    Extras: ``num_kv_heads`` (GQA/MQA), ``implementation`` and ``logits_soft_cap`` (passed to
+    ``jattn.dot_product_attention``), ``rope_base`` (rotary embedding of the projected queries
+    and keys, after ``normalize_qk``, before caching).
+    """
+
+    num_heads: int
+    dtype: object = None
+    param_dtype: object = jnp.float32
+    qkv_features: int | None = None
+    out_features: int | None = None
+    broadcast_dropout: bool = True
+    dropout_rate: float = 0.0
+    deterministic: bool | None = None
+    precision: object = None
+    kernel_init: object = default_kernel_init
+    out_kernel_init: object = None
+    bias_init: object = initializers.zeros_init()
+    out_bias_init: object = None
+    use_bias: bool = True
+    decode: bool = False
+    normalize_qk: bool = False
+    num_kv_heads: int | None = None
+    implementation: str | None = None
+    logits_soft_cap: float | None = None
+    rope_base: float | None = None
+
+    def _heads(self, features: int) -> tuple[int, int, int]:
+        """(N, K, H) for inputs with ``features`` channels, or a ValueError."""
+        qkv = self.qkv_features or features
+        K = self.num_kv_heads or self.num_heads
+        if K <= 0 or self.num_heads % K:
+            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={self.num_heads}, got {K}")
+        if qkv % self.num_heads:
+            raise ValueError(f"qkv_features: expected a multiple of num_heads={self.num_heads}, got {qkv}")
+        H = qkv // self.num_heads
+        if self.rope_base is not None and H % 2:
+            raise ValueError(f"rope_base: RoPE needs an even head dim, got head_dim={H}")
+        return self.num_heads, K, H
+
+    def init_cache(self, input_shape, dtype=jnp.float32) -> None:
+        """Put an empty cache for inputs ``[*B, max_length, F]`` in the ``'cache'`` collection."""
+        input_shape = _kv_cache.input_shape(input_shape)
+        _, K, H = self._heads(input_shape[-1])
+        shape = input_shape[:-1] + (K, H)  # [*B, L, K, H]
+        _checks.floating("dtype", jnp.zeros((), dtype))
+        self.put_variable("cache", "cached_key", jnp.zeros(shape, dtype))
+        self.put_variable("cache", "cached_value", jnp.zeros(shape, dtype))
+        self.put_variable("cache", "cache_index", jnp.zeros(shape[:-3], jnp.int32))
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q,
+        inputs_k=None,
+        inputs_v=None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        dropout_rng=None,
+        sow_weights: bool = False,
+        decode: bool | None = None,
+        is_causal: bool = False,
+        lengths=None,
+        positions=None,
+        kv_positions=None,
+    ):
+        """Attention of ``inputs_q [*B, T, F]`` over ``inputs_k/inputs_v [*B, S, F_kv]``.
+
+        As in Flax: ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``;
+        ``mask [*B, N|1, T, S]``; ``dropout_rng`` defaults to ``make_rng('dropout')``;
+        ``sow_weights`` sows ``attention_weights [*B, N, T, S]`` into ``'intermediates'``.
+        Extras: ``decode`` overrides the attribute; ``is_causal``; and in decode mode
+        ``lengths [*B]`` (valid new tokens per row, right padding), as in
+        ``jattn.nnx.MultiHeadAttention``. ``positions``/``kv_positions``: RoPE positions.
+        """
+        if inputs_k is None:
+            if inputs_v is not None:
+                raise ValueError("inputs_k: expected an array when inputs_v is given, got None")
+            inputs_k = inputs_q
+        if inputs_v is None:
+            inputs_v = inputs_k
+        for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
+            _checks.rank(name, x, tuple(range(2, 64)), "[*B, length, features]")
+        N, K, H = self._heads(inputs_q.shape[-1])
+        decode = self.decode if decode is None else decode
+        if lengths is not None and not decode:
+            raise ValueError("lengths: only used with decode=True (use mask otherwise), got an array")
+
+        def dense(heads, name):
+            return nn.DenseGeneral(
+                features=(heads, H), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=self.kernel_init, bias_init=self.bias_init, use_bias=self.use_bias,
+                precision=self.precision, name=name,
+            )
+
+        query = dense(N, "query")(inputs_q)  # [*B, T, N, H]
+        key = dense(K, "key")(inputs_k)  # [*B, S, K, H]
+        value = dense(K, "value")(inputs_v)  # [*B, S, K, H]
+        if self.normalize_qk:
+            def norm(name):
+                return nn.LayerNorm(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            query = norm("query_ln")(query)
+            key = norm("key_ln")(key)
+
+        T, S = query.shape[-3], key.shape[-3]
+        if decode and self.has_variable("cache", "cached_key"):
+            cached_key = self.variable("cache", "cached_key")
+            cached_value = self.variable("cache", "cached_value")
+            cache_index = self.variable("cache", "cache_index")
+            _kv_cache.check_step(cached_key.value, cache_index.value, key.shape, T, lengths)
+            pos = _kv_cache.positions(cache_index.value, T)  # [*B, T]
+            if self.rope_base is not None:
+                query = apply_rope(query, pos if positions is None else positions, self.rope_base)
+                key = apply_rope(key, pos if kv_positions is None else kv_positions, self.rope_base)
+            step = _kv_cache.step(
+                cached_key.value, cached_value.value, cache_index.value, key, value, lengths,
+                is_causal=is_causal,
+            )
+            cached_key.value, cached_value.value, cache_index.value = step.key, step.value, step.index
+            key, value = step.key, step.value  # [*B, L, K, H]
+            mask = step.mask if mask is None else jnp.logical_and(step.mask, jnp.asarray(mask) != 0)
+            is_causal = False  # the step mask holds the cache-aligned causal structure
+        else:
+            if decode and not self.is_initializing():
+                raise ValueError(
+                    "decode: the KV cache is not initialised; call init (with decode=True) or "
+                    "init_cache(input_shape, dtype) first and pass the 'cache' collection"
+                )
+            if decode:  # Flax's pattern: init with full-length inputs allocates the cache
+                self.init_cache(inputs_k.shape[:-1] + inputs_q.shape[-1:], key.dtype)
+            if self.rope_base is not None:
+                query = apply_rope(query, jnp.arange(T) if positions is None else positions, self.rope_base)
+                key = apply_rope(key, jnp.arange(S) if kv_positions is None else kv_positions, self.rope_base)
+
+        if self.dropout_rate > 0.0:
+            deterministic = merge_param("deterministic", self.deterministic, deterministic)
+            if not deterministic and dropout_rng is None:
+                dropout_rng = self.make_rng("dropout")
+        else:
+            deterministic = True
+        x = flax_attention_fn(
+            query, key, value, mask=mask,
+            dropout_rng=dropout_rng, dropout_rate=self.dropout_rate, deterministic=deterministic,
+            dtype=self.dtype, module=self if sow_weights else None, is_causal=is_causal,
+            implementation=self.implementation, logits_soft_cap=self.logits_soft_cap,
+        )  # [*B, T, N, H]
+        return nn.DenseGeneral(  # [*B, T, N, H] -> [*B, T, F_out]
+            features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
+            kernel_init=self.out_kernel_init or self.kernel_init,
+            bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="out",
+        )(x)
