@@ -62,6 +62,16 @@ def register_implementation(name: str, head_fn: HeadFn) -> None:
     _HEAD_FNS[name] = head_fn
 
 
+# A whole-call function: (config, arrays) -> (out [B, T, K, G, Hv], lse [B, T, K, G]), for
+# backends that take every head at once (cuDNN).
+_CALL_FNS: dict[str, Callable] = {}
+
+
+def register_multihead_implementation(name: str, call_fn: Callable) -> None:
+    """Make ``implementation=name`` run ``call_fn(config, arrays)`` on all heads at once."""
+    _CALL_FNS[name] = call_fn
+
+
 def _squeeze_broadcast_axes(x: jax.Array | None):
     """[Bm, Km, Gm, T, S] -> (x without its size-1 leading axes, vmap axes for B, K, G).
 
@@ -121,6 +131,9 @@ def _run(config: Config, arrays: Arrays, dropout_rng):
         keep = jax.random.bernoulli(dropout_rng, 1.0 - config.dropout_rate, (B, K, G, T, S))
         keep = keep.astype(jnp.float32) / (1.0 - config.dropout_rate)  # [B, K, G, T, S]
         arrays = arrays._replace(keep=keep)
+    if config.implementation in _CALL_FNS:
+        out, lse = _CALL_FNS[config.implementation](config, arrays)
+        return out, lse, None
     out, weights, lse = _lift(config, arrays)
     return out, lse, weights
 
