@@ -104,9 +104,10 @@ def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, m
     logits, visible = _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile)
     # A row with lse = -inf saw no key: subtracting +inf makes its P exactly 0.
     lse_safe = jnp.where(lse_blk > -jnp.inf, lse_blk, jnp.inf)  # [tq]
-    p = jnp.exp(logits - lse_safe[:, None])  # [tq, tk]
+    shifted = logits - lse_safe[:, None]  # [tq, tk]
     if visible is not None:
-        p = jnp.where(visible, p, 0.0)
+        shifted = jnp.where(visible, shifted, -jnp.inf)  # mask before exp: no overflow when hidden
+    p = jnp.exp(shifted)  # [tq, tk]
     dv = jnp.einsum("qk,qd->kd", p, do_blk)  # [tk, d_v]
     dp = jnp.einsum("qd,kd->qk", do_blk, v_blk)  # [tq, tk]
     ds = p * (dp - delta_blk[:, None])  # [tq, tk]: gradient of the logits

@@ -1,13 +1,45 @@
 """Which implementation runs a call, and why.
 
-``implementation=None`` picks for you; a named implementation runs as asked or raises a
-``ValueError`` saying why it cannot.
+Shape glossary: B batch, T query length, S key length, N query heads, K kv heads, G = N/K,
+H key head dim, Hv value head dim.
+
+``implementation=None`` picks for you, in this order (the first rule that applies wins):
+
+1. ``return_weights=True`` or active dropout -> ``'xla'`` (the only path that materialises
+   the weights; ``'chunked'`` never holds them).
+2. An NVIDIA GPU and every cuDNN constraint holds (see ``cudnn_problems``) -> ``'cudnn'``
+   (``jax.nn.dot_product_attention(implementation='cudnn')`` on all heads at once).
+3. ``T * S >= CHUNKED_MIN_TS`` -> ``'chunked'`` (memory-linear flash attention), else ``'xla'``.
+   The threshold was measured on CPU with ``benchmarks/bench_attention.py``: at T = S = 512
+   the two are within noise, from 1024 on ``'chunked'`` is faster and its memory stays linear.
+
+A named implementation runs as asked, with two exceptions: ``'chunked'`` with
+``return_weights`` or dropout falls back to ``'xla'`` with a ``UserWarning`` (the result is
+exact, only the memory saving is lost), and ``'cudnn'`` where it cannot run raises a
+``ValueError`` listing every unmet constraint. ``explain_implementation`` reports the choice
+and the reason for any call without running it.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
 from jattn.attention import attention_head
-from jattn.multihead import Arrays, Config, register_implementation
+from jattn.chunked import chunked_head
+from jattn.multihead import (
+    Arrays, Config, dot_product_attention, register_implementation,
+    register_multihead_implementation,
+)
+
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+CHUNKED_MIN_TS = 1024 * 1024  # T * S from which None picks 'chunked' over 'xla'
+CUDNN_HEAD_DIMS = range(8, 129, 8)  # head dims cuDNN's fused attention accepts (H == Hv)
 
 
 def _xla_head(q, k, v, mask, bias, keep, structure, *, scale, logits_soft_cap, block_sizes):
@@ -16,15 +48,134 @@ def _xla_head(q, k, v, mask, bias, keep, structure, *, scale, logits_soft_cap, b
     return res.out, res.weights, res.logsumexp
 
 
-register_implementation("xla", _xla_head)
+def _cudnn_call(config: Config, a: Arrays):
+    """All heads through jax.nn's cuDNN path; returns out [B, T, K, G, Hv], lse [B, T, K, G]."""
+    B, T, K, G, H = a.query.shape
+    bias = a.bias
+    if bias is not None:
+        Bm, Km, Gm = bias.shape[:3]
+        bias = jnp.reshape(bias, (Bm, Km * Gm) + bias.shape[3:])  # [Bm, N|1, T, S]
+    out, lse = jax.nn.dot_product_attention(
+        jnp.reshape(a.query, (B, T, K * G, H)), a.key, a.value, bias,  # query [B, T, N, H]
+        scale=config.scale, is_causal=config.is_causal, local_window_size=config.window,
+        implementation="cudnn", return_residual=True,
+    )
+    out = jnp.reshape(out, (B, T, K, G, H))  # [B, T, K, G, H]
+    return out, jnp.reshape(lse.astype(jnp.float32), (B, T, K, G))  # [B, T, K, G]
 
-IMPLEMENTATIONS = ("xla",)
+
+register_implementation("xla", _xla_head)
+register_implementation("chunked", chunked_head)
+register_multihead_implementation("cudnn", _cudnn_call)
+
+
+class Choice(NamedTuple):
+    """The implementation a call runs, and why."""
+
+    implementation: str
+    reason: str
+
+
+def on_nvidia_gpu() -> bool:
+    """True when the default backend is a CUDA GPU (cuDNN's fused attention is available)."""
+    if jax.default_backend() != "gpu":
+        return False
+    return "cuda" in jax.devices()[0].client.platform_version.lower()
+
+
+def cudnn_problems(config: Config, arrays: Arrays, *, return_weights: bool) -> list[str]:
+    """Every reason the cuDNN path cannot run this call exactly as jattn defines it (empty = it can).
+
+    Beyond cuDNN's own limits (fp16/bf16, H == Hv, H a multiple of 8 up to 128, windows only
+    with causal masking), calls where a query row could see no key (dense masks, lengths,
+    segments, windows reaching past S) are excluded: jattn returns 0 there and cuDNN does not.
+    """
+    B, T, K, G, H = arrays.query.shape
+    S, Hv = arrays.key.shape[1], arrays.value.shape[-1]
+    dtype = arrays.query.dtype
+    checks = [
+        (on_nvidia_gpu(), f"needs an NVIDIA GPU, running on {jax.default_backend()!r}"),
+        (dtype in (jnp.float16, jnp.bfloat16), f"needs float16 or bfloat16, got {dtype}"),
+        (H == Hv, f"needs value head dim == key head dim, got {Hv} != {H}"),
+        (H in CUDNN_HEAD_DIMS, f"needs a head dim that is a multiple of 8 up to 128, got {H}"),
+        (arrays.mask is None, "does not take a dense mask (use lengths, causal or bias)"),
+        (arrays.q_lengths is None and arrays.kv_lengths is None,
+         "does not take sequence lengths (rows past a length would not be 0)"),
+        (arrays.q_segment_ids is None, "does not support segment ids"),
+        (config.logits_soft_cap is None, "does not support logits_soft_cap"),
+        (config.dropout_rate == 0, "does not support dropout"),
+        (not return_weights, "cannot return weights"),
+        (config.offset == 0 or not (config.is_causal or config.window),
+         "supports causal masks and windows only with causal_alignment='top_left' or T == S"),
+        (config.window is None or (config.is_causal and T <= S),
+         "supports local windows only together with is_causal=True and T <= S"),
+    ]
+    return [f"cudnn {msg}" for ok, msg in checks if not ok]
+
+
+def choose(implementation: str | None, config: Config, arrays: Arrays, *, return_weights: bool) -> Choice:
+    """The implementation that will run and the reason (a ValueError if the request is impossible)."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    needs_xla = [why for cond, why in (
+        (return_weights, "return_weights=True"),
+        (config.dropout_rate > 0, f"dropout_rate={config.dropout_rate}"),
+    ) if cond]
+    if implementation == "xla":
+        return Choice("xla", "requested")
+    if implementation == "cudnn":
+        problems = cudnn_problems(config, arrays, return_weights=return_weights)
+        if problems:
+            raise ValueError("implementation: 'cudnn' cannot run this call: " + "; ".join(problems))
+        return Choice("cudnn", "requested")
+    if needs_xla:
+        what = " and ".join(needs_xla)
+        return Choice("xla", f"{what} needs the materialised weights, which only 'xla' has")
+    if implementation == "chunked":
+        return Choice("chunked", "requested")
+    if not cudnn_problems(config, arrays, return_weights=return_weights):
+        return Choice("cudnn", "NVIDIA GPU and every cuDNN constraint holds")
+    T, S = arrays.query.shape[1], arrays.key.shape[1]
+    if T * S >= CHUNKED_MIN_TS:
+        return Choice("chunked", f"T*S = {T}*{S} >= {CHUNKED_MIN_TS}: long sequences")
+    return Choice("xla", f"T*S = {T}*{S} < {CHUNKED_MIN_TS}: short sequences")
+
+
+# explain_implementation collects the choices made while it traces a call.
+_EXPLAINING: contextvars.ContextVar[list | None] = contextvars.ContextVar("explaining", default=None)
 
 
 def resolve(implementation: str | None, config: Config, arrays: Arrays, *, return_weights: bool) -> str:
     """The implementation that will run (a name in ``IMPLEMENTATIONS``)."""
-    if implementation is None:
-        return "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected None or one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return implementation
+    choice = choose(implementation, config, arrays, return_weights=return_weights)
+    if implementation == "chunked" and choice.implementation == "xla":
+        warnings.warn(f"implementation='chunked' falls back to 'xla': {choice.reason}", UserWarning,
+                      stacklevel=3)
+    seen = _EXPLAINING.get()
+    if seen is not None:
+        seen.append(choice)
+    return choice.implementation
+
+
+_ARRAY_KWARGS = ("query_seq_lengths", "key_value_seq_lengths", "q_segment_ids", "kv_segment_ids",
+                 "dropout_rng")
+
+
+def explain_implementation(query, key, value, bias=None, mask=None, **kwargs) -> Choice:
+    """Which implementation ``jattn.dot_product_attention`` would run for these arguments, and why.
+
+    Takes exactly the arguments of ``dot_product_attention`` (arrays or ``jax.ShapeDtypeStruct``)
+    and validates them the same way; nothing is computed or compiled.
+    """
+    arrays = {name: kwargs.pop(name) for name in _ARRAY_KWARGS if name in kwargs}
+    call = functools.partial(dot_product_attention, **kwargs)
+    seen: list[Choice] = []
+    token = _EXPLAINING.set(seen)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            jax.eval_shape(lambda q, k, v, b, m, arr: call(q, k, v, b, m, **arr),
+                           query, key, value, bias, mask, arrays)
+    finally:
+        _EXPLAINING.reset(token)
+    return seen[0]
