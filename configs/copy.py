@@ -5,6 +5,7 @@ unknown fields are rejected. Override any field with ``--config.<field>=<value>`
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.d_model = 64  # residual width
     c.num_heads = 4  # attention heads per block; must divide d_model
     c.mlp_dim = 256  # hidden width of each block's MLP
+    c.attention_implementation = config_dict.placeholder(str)  # jattn implementation; None = automatic
     # --- optimisation: AdamW, linear warmup then cosine decay to 0, global-norm clipping ---
     c.num_train_steps = 300  # optimizer steps (held-out accuracy is ~1.0 after ~150)
     c.batch_size = 64  # sequences per step (split over the 'data' mesh axis)
@@ -29,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0  # seeds parameters and the data stream; a run is reproducible from it
     # --- logging, evaluation, checkpoints ---
     c.log_every_steps = 10  # write a metrics.jsonl row (loss, accuracy, gradient norms)
-    c.eval_every_steps = 100  # greedy-decode the held-out set and print samples
+    c.eval_every_steps = 50  # greedy-decode the held-out set and print samples
     c.num_samples_to_print = 3  # decoded samples shown (CORRECT/INCORRECT) per eval
     c.checkpoint_every_steps = 100  # orbax checkpoint interval (and one at the end)
     c.max_checkpoints_to_keep = 2  # older checkpoints are deleted

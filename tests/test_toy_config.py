@@ -43,6 +43,7 @@ def test_shipped_configs_are_valid_and_commented(name):
         ("warmup_steps", 300, "config.warmup_steps: expected < num_train_steps=300, got 300"),
         ("task", "sort", "config.task: expected one of ('copy', 'reverse'), got 'sort'"),
         ("check_grads", 1, "config.check_grads: expected a bool, got 1"),
+        ("attention_implementation", "flash", "config.attention_implementation: expected None or one of ("),
         ("num_train_steps", True, "config.num_train_steps: expected a positive int, got True"),
     ],
 )

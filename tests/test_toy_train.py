@@ -1,6 +1,7 @@
 """Toy trainer end to end (in process): it learns, writes its outputs, and decodes correctly.
 
-One module-scoped run of ``configs/tiny.py`` (copy 4 symbols) feeds every test here.
+One run of ``configs/tiny.py`` (copy 4 symbols) feeds every check, so they live in a single
+test (a module fixture would be re-run on each pytest-xdist worker).
 """
 
 import json
@@ -20,15 +21,18 @@ from jattn.toy.run import run
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def test_tiny_run_learns_writes_outputs_and_decodes(tmp_path):
     config = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
-    workdir = tmp_path_factory.mktemp("toy")
-    summary = run(config, str(workdir))
-    return config, workdir, summary
+    summary = run(config, str(tmp_path))
+    trained = config, tmp_path, summary
+    check_learned(trained)
+    check_outputs(trained)
+    params = trained_params(trained)
+    check_greedy_decode_matches_full_forward(trained, params)
+    check_cached_logits_match_full_forward(trained, params)
 
 
-def test_learns_the_copy_task(trained):
+def check_learned(trained):
     config, _, summary = trained
     assert summary["num_train_steps"] == config.num_train_steps
     assert summary["seq_accuracy"] >= 0.95, summary
@@ -36,7 +40,7 @@ def test_learns_the_copy_task(trained):
     assert summary["final_loss"] < 0.1, summary
 
 
-def test_outputs_written_and_readable(trained, capsys):
+def check_outputs(trained):
     config, workdir, summary = trained
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
@@ -63,7 +67,6 @@ def test_outputs_written_and_readable(trained, capsys):
     ckpt.close()
 
 
-@pytest.fixture(scope="module")
 def trained_params(trained):
     config, workdir, _ = trained
     mesh = mesh_lib.make_mesh(config.mesh, config.batch_size)
@@ -74,7 +77,7 @@ def trained_params(trained):
     return graphdef, state.params
 
 
-def test_greedy_decode_with_cache_matches_full_forward(trained, trained_params):
+def check_greedy_decode_matches_full_forward(trained, trained_params):
     """decode() == argmax of a full causal forward pass, one token at a time (no cache)."""
     config, _, _ = trained
     graphdef, params = trained_params
@@ -96,7 +99,7 @@ def test_greedy_decode_with_cache_matches_full_forward(trained, trained_params):
     assert np.mean(np.all(np.asarray(cached) == np.asarray(data.expected_outputs(batch, L)), 1)) >= 0.9
 
 
-def test_cached_logits_match_full_forward(trained, trained_params):
+def check_cached_logits_match_full_forward(trained, trained_params):
     """Every position's logits from the KV-cache path equal the full causal forward pass."""
     config, _, _ = trained
     graphdef, params = trained_params

@@ -16,7 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx import MultiHeadAttention
+
+from jattn.nnx import MultiHeadAttention
 
 
 def sinusoidal_positions(positions: jax.Array, d_model: int) -> jax.Array:
@@ -29,26 +30,28 @@ def sinusoidal_positions(positions: jax.Array, d_model: int) -> jax.Array:
 class Block(nnx.Module):
     """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, implementation: str | None,
+                 rngs: nnx.Rngs):
         self.attn_norm = nnx.LayerNorm(d_model, rngs=rngs)
-        self.attn = MultiHeadAttention(num_heads=num_heads, in_features=d_model, decode=False, rngs=rngs)
+        self.attn = MultiHeadAttention(num_heads=num_heads, in_features=d_model, decode=False,
+                                       implementation=implementation, rngs=rngs)
         self.mlp_norm = nnx.LayerNorm(d_model, rngs=rngs)
         self.mlp_in = nnx.Linear(d_model, mlp_dim, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_dim, d_model, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, decode: bool, sow_weights: bool) -> jax.Array:
-        # x: [B, T, D]; in decode mode T = 1 and the module appends to its KV cache.
-        # The cache mask already limits a decode step to the keys written so far.
-        x = x + self.attn(self.attn_norm(x), decode=decode, is_causal=not decode, sow_weights=sow_weights)
+        # x: [B, T, D]; in decode mode the T new tokens are appended to the module's KV cache
+        # and is_causal lines the causal mask up with their cache positions.
+        x = x + self.attn(self.attn_norm(x), decode=decode, is_causal=True, sow_weights=sow_weights)
         return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
 
 
 class Transformer(nnx.Module):
     def __init__(self, *, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
-                 mlp_dim: int, rngs: nnx.Rngs):
+                 mlp_dim: int, implementation: str | None = None, rngs: nnx.Rngs):
         self.d_model = d_model
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-        self.blocks = nnx.List([Block(d_model, num_heads, mlp_dim, rngs=rngs) for _ in range(num_layers)])
+        self.blocks = nnx.List([Block(d_model, num_heads, mlp_dim, implementation=implementation, rngs=rngs) for _ in range(num_layers)])
         self.final_norm = nnx.LayerNorm(d_model, rngs=rngs)
         self.output = nnx.Linear(d_model, vocab_size, rngs=rngs)
 
@@ -69,4 +72,5 @@ class Transformer(nnx.Module):
 def create_model(config, rngs: nnx.Rngs) -> Transformer:
     return Transformer(vocab_size=config.vocab_size, num_layers=config.num_layers,
                        d_model=config.d_model, num_heads=config.num_heads,
-                       mlp_dim=config.mlp_dim, rngs=rngs)
+                       mlp_dim=config.mlp_dim, implementation=config.attention_implementation,
+                       rngs=rngs)

@@ -105,7 +105,7 @@ def run(config, workdir: str) -> dict:
             if is_eval:
                 row.update({f"eval/{k}": v for k, v in evaluate(done).items()})
             log.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['token_accuracy']:.3f}")
+            bar.set_postfix(loss=f"{row['loss']:.3g}", acc=f"{row['token_accuracy']:.3f}")
         if done == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
         if done % config.checkpoint_every_steps == 0 or done == total:
@@ -135,4 +135,5 @@ def run(config, workdir: str) -> dict:
     metrics.write_json(os.path.join(workdir, "summary.json"), summary)
     print(f"done: seq_accuracy={summary['seq_accuracy']:.4f} on {config.num_eval_sequences} held-out "
           f"sequences, final loss {summary['final_loss']:.3g}, {summary['wall_seconds']:.1f}s wall")
+    print(f"wrote metrics.jsonl, summary.json, attention.png, grad_flow.png, checkpoints/ in {workdir}")
     return summary

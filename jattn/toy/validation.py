@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from jattn import dispatch
+
 TASKS = ("copy", "reverse")
 NUM_SPECIAL_TOKENS = 3  # PAD, BOS, SEP (see jattn.toy.data)
 
@@ -35,6 +37,8 @@ SCHEMA: dict[str, Any] = {
     "d_model": (_INT, lambda v: v > 0 and v % 2 == 0, "a positive even int (sinusoidal positions)"),
     "num_heads": (_INT, _positive, "a positive int"),
     "mlp_dim": (_INT, _positive, "a positive int"),
+    "attention_implementation": ((str, type(None)), lambda v: v is None or v in dispatch.IMPLEMENTATIONS,
+                                 f"None or one of {dispatch.IMPLEMENTATIONS}"),
     "num_train_steps": (_INT, _positive, "a positive int"),
     "batch_size": (_INT, _positive, "a positive int"),
     "learning_rate": (_REAL, _positive, "a positive number"),
