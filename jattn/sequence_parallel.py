@@ -11,6 +11,8 @@ default) are resharded with ``jax.reshard``; Auto axes are left to ``shard_map``
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -107,10 +109,16 @@ def sequence_parallel_attention(
     for name, (x, spec) in per_example.items():
         if x is not None:
             arrays[name], specs[name] = x, spec
+    return _run(arrays, tuple(specs.items()), mesh, axis_name, rows, layout, tuple(sorted(kwargs.items())))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _run(arrays, specs, mesh, axis_name, rows, layout, options):
+    """Jitted, so that eager calls do not run the shard_map body op by op."""
+    specs = dict(specs)
     arrays = {name: _place(x, mesh, specs[name]) for name, x in arrays.items()}
 
     def local(arrays):
-        return ring_attention(**arrays, axis_name=axis_name, layout=layout, **kwargs)
+        return ring_attention(**arrays, axis_name=axis_name, layout=layout, **dict(options))
 
-    run = jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=rows)
-    return run(arrays)
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=rows)(arrays)

@@ -1,0 +1,212 @@
+"""Multi-device checks of ring attention, run by tests/test_ring.py in a subprocess.
+
+Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, memory, errors}; prints one
+JSON object (check name -> measured values). XLA_FLAGS must give 8 host devices before jax
+is imported, which is why this is a separate process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jattn  # noqa: E402
+from jattn import ring  # noqa: E402
+
+PARITY_DEFAULTS = dict(B=2, T=16, N=2, K=2, H=5, Hv=3)
+
+
+def _inputs(seed, B, T, N, K, H, Hv):
+    """NumPy inputs (no eager jax ops: each would compile on its own)."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, N, H), np.float32)
+    k = rng.standard_normal((B, T, K, H), np.float32)
+    v = rng.standard_normal((B, T, K, Hv), np.float32)
+    w = rng.standard_normal((B, T, N, Hv), np.float32)  # output cotangent
+    return q, k, v, w
+
+
+def _max_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+
+
+def _segments(B, T):
+    """[B, T] packed-sequence ids with boundaries at odd places."""
+    ids = np.zeros((B, T), np.int32)
+    for b in range(B):
+        ids[b, (3 + 2 * b) % T:] = 1
+        ids[b, (T - 5 + b) % T:] = 2
+    return ids
+
+
+def _compare(mesh, seed=0, *, layout="contiguous", grads=True, dtype=jnp.float32, seg=False,
+             kv_lengths=None, q_lengths=None, wrap=(None, None), **kwargs):
+    """(forward error, [dq, dk, dv errors]) of the ring against single-device attention.
+
+    The ring sees the inputs permuted into ``layout`` and its output is permuted back;
+    ``wrap`` = (batch_axis, head_axis) shards those too. One jit computes both sides.
+    """
+    shape = dict(PARITY_DEFAULTS, **{k: kwargs.pop(k) for k in list(kwargs) if k in PARITY_DEFAULTS})
+    q, k, v, w = _inputs(seed, **shape)
+    P_seq = mesh.shape["s"]
+    extra = {}
+    if seg:
+        ids = _segments(shape["B"], shape["T"])
+        extra.update(q_segment_ids=ids, kv_segment_ids=ids)
+    if kv_lengths is not None:
+        extra["key_value_seq_lengths"] = np.asarray(kv_lengths, np.int32)
+    if q_lengths is not None:
+        extra["query_seq_lengths"] = np.asarray(q_lengths, np.int32)
+    batch_axis, head_axis = wrap
+
+    def ring_fn(q, k, v):
+        to = lambda x: ring.to_layout(x, P_seq, layout)
+        seg_ids = {n: to(x) for n, x in extra.items() if n.endswith("segment_ids")}
+        lengths = {n: x for n, x in extra.items() if n.endswith("lengths")}
+        out = jattn.sequence_parallel_attention(
+            to(q), to(k), to(v), mesh=mesh, axis_name="s", batch_axis=batch_axis,
+            head_axis=head_axis, layout=layout, **seg_ids, **lengths, **kwargs,
+        )
+        return out
+
+    def ref_fn(q, k, v):
+        return jattn.dot_product_attention(q, k, v, **extra, **kwargs)
+
+    def both(q, k, v):
+        q, k, v = (x.astype(dtype) for x in (q, k, v))
+        out = ring_fn(q, k, v)
+        res = {"out": ring.from_layout(out, P_seq, layout), "ref": ref_fn(q, k, v)}
+        if grads:
+            loss = lambda f: (lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w))
+            unpermuted = lambda *a: ring.from_layout(ring_fn(*a), P_seq, layout)
+            res["g_ring"] = jax.grad(loss(unpermuted), argnums=(0, 1, 2))(q, k, v)
+            res["g_ref"] = jax.grad(loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
+        return res, out
+
+    with jax.set_mesh(mesh):
+        res, out = jax.jit(both)(q, k, v)
+    assert out.dtype == dtype and res["out"].dtype == res["ref"].dtype == dtype, (out.dtype, dtype)
+    spec = tuple(out.sharding.spec) + (None,) * 3
+    assert spec[:3] == (batch_axis, "s", head_axis), out.sharding  # sharded along the sequence
+    errs = [_max_err(a, b) for a, b in zip(res["g_ring"], res["g_ref"])] if grads else []
+    return _max_err(res["out"], res["ref"]), errs
+
+
+def gradients():
+    """Forward and gradient parity, one jit per case."""
+    seq8 = jax.make_mesh((8,), ("s",))
+    auto8 = jax.make_mesh((8,), ("s",), axis_types=(AxisType.Auto,))
+    grid = jax.make_mesh((2, 4), ("d", "s"))
+    r = {}
+    # Each case mixes features; all use 8 devices on the ring unless on the 2 x 4 grid.
+    r["full_zigzag_kv_lengths_empty_rows"] = _compare(seq8, 1, layout="zigzag", kv_lengths=[0, 7], H=7)
+    r["causal_contiguous_gqa_seg"] = _compare(seq8, 2, is_causal=True, seg=True, N=6, K=2, T=24)
+    r["causal_zigzag_gqa_seg_lengths"] = _compare(
+        seq8, 3, layout="zigzag", is_causal=True, seg=True, kv_lengths=[16, 11], q_lengths=[13, 16], N=6, K=3
+    )
+    r["auto_mesh_causal_zigzag_softcap_scale"] = _compare(
+        auto8, 4, layout="zigzag", is_causal=True, logits_soft_cap=2.0, scale=0.7
+    )
+    r["grid_batch_axis_causal_zigzag_gqa"] = _compare(
+        grid, 5, layout="zigzag", is_causal=True, B=4, N=4, K=2, wrap=("d", None)
+    )
+    return r
+
+
+def forward():
+    """Forward-only parity: head sharding, bf16, jax.nn, pre-sharded inputs, a user's shard_map."""
+    seq8 = jax.make_mesh((8,), ("s",))
+    auto8 = jax.make_mesh((8,), ("s",), axis_types=(AxisType.Auto,))
+    grid = jax.make_mesh((2, 4), ("d", "s"))
+    r = {}
+    r["grid_head_axis_gqa"] = _compare(grid, 6, is_causal=True, N=6, K=2, T=12, wrap=(None, "d"), grads=False)
+    r["bf16_causal_zigzag"] = _compare(seq8, 7, layout="zigzag", is_causal=True, dtype=jnp.bfloat16, grads=False)
+
+    # Against jax.nn too (no empty rows): causal zig-zag with grouped queries.
+    q, k, v, _ = _inputs(8, 2, 16, 4, 2, 8, 8)
+    to = lambda x: ring.to_layout(x, 8, "zigzag")
+    with jax.set_mesh(seq8):
+        out = jax.jit(lambda q, k, v: ring.from_layout(jattn.sequence_parallel_attention(
+            to(q), to(k), to(v), mesh=seq8, axis_name="s", layout="zigzag", is_causal=True), 8, "zigzag"))(q, k, v)
+    r["vs_jax_nn"] = (_max_err(out, jax.nn.dot_product_attention(q, k, v, is_causal=True)), [])
+
+    # Already-sharded inputs (sequence on 'd' x heads on 's', the "wrong" way), eager call.
+    q, k, v, _ = _inputs(9, 2, 16, 4, 4, 8, 8)
+    wrong = NamedSharding(grid, P(None, "d", "s"))
+    qs, ks, vs = (jax.device_put(x, wrong) for x in (q, k, v))
+    out = jattn.sequence_parallel_attention(qs, ks, vs, mesh=grid, axis_name="s", is_causal=True)
+    assert tuple(out.sharding.spec)[:2] == (None, "s"), out.sharding.spec
+    r["presharded_inputs"] = (_max_err(out, jattn.dot_product_attention(q, k, v, is_causal=True)), [])
+
+    # ring_attention inside the user's own shard_map (check_vma on), under jit.
+    q, k, v, _ = _inputs(10, 1, 16, 2, 1, 4, 4)
+    sm = jax.shard_map(
+        lambda q, k, v: jattn.ring_attention(q, k, v, axis_name="s", is_causal=True),
+        mesh=auto8, in_specs=P(None, "s"), out_specs=P(None, "s"),
+    )
+    r["user_shard_map"] = (_max_err(jax.jit(sm)(q, k, v), jattn.dot_product_attention(q, k, v, is_causal=True)), [])
+    return r
+
+
+def memory():
+    """Per-device compiled temp bytes of forward+backward for P = 1, 2, 4, 8 ring devices."""
+    B, T, N, H = 1, 2048, 4, 64
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+    r = {}
+    for n in (1, 2, 4, 8):
+        mesh = jax.make_mesh((n,), ("s",), devices=jax.devices()[:n])
+
+        def loss(q, k, v):
+            out = jattn.sequence_parallel_attention(q, k, v, mesh=mesh, axis_name="s", layout="zigzag", is_causal=True)
+            return jnp.sum(out)
+
+        with jax.set_mesh(mesh):
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+            mem = step.lower(q, q, q).compile().memory_analysis()
+        r[f"ring_P{n}"] = int(mem.temp_size_in_bytes)
+    one = jax.jit(jax.value_and_grad(
+        lambda q, k, v: jnp.sum(jattn.dot_product_attention(q, k, v, is_causal=True)), argnums=(0, 1, 2)
+    ))
+    r["single_device_xla"] = int(one.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes)
+    return r
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # recorded and asserted by the test
+        return [type(e).__name__, str(e)]
+    return ["no error", ""]
+
+
+def errors():
+    mesh = jax.make_mesh((8,), ("s",))
+    q = jnp.ones((2, 16, 2, 4))
+    spa = jattn.sequence_parallel_attention
+    jit_spa = jax.jit(lambda q, T: spa(q[:, :T], q[:, :T], q[:, :T], mesh=mesh, axis_name="s"), static_argnums=1)
+    return {
+        "length_not_divisible": _error(lambda: spa(q[:, :12], q[:, :12], q[:, :12], mesh=mesh, axis_name="s")),
+        "length_not_divisible_jit": _error(lambda: jit_spa(q, 12)),
+        "zigzag_needs_2P": _error(lambda: spa(q[:, :8], q[:, :8], q[:, :8], mesh=mesh, axis_name="s", layout="zigzag")),
+        "key_length_not_divisible": _error(lambda: spa(q, q[:, :12], q[:, :12], mesh=mesh, axis_name="s")),
+        "batch_not_divisible": _error(lambda: spa(
+            q[:1], q[:1], q[:1], mesh=jax.make_mesh((2, 4), ("d", "s")), axis_name="s", batch_axis="d")),
+        "heads_not_divisible": _error(lambda: spa(
+            jnp.ones((2, 16, 3, 4)), jnp.ones((2, 16, 3, 4)), jnp.ones((2, 16, 3, 4)),
+            mesh=jax.make_mesh((4, 2), ("s", "h")), axis_name="s", head_axis="h")),
+        "causal_cross_lengths": _error(lambda: spa(q, q[:, :8], q[:, :8], mesh=mesh, axis_name="s", is_causal=True)),
+    }
+
+
+if __name__ == "__main__":
+    group = sys.argv[1]
+    print(json.dumps({"gradients": gradients, "forward": forward, "memory": memory, "errors": errors}[group]()))

@@ -1,0 +1,185 @@
+"""Ring (sequence-parallel) attention: parity with single-device attention on 8 simulated CPU
+devices, per-device memory, layouts, and bad input.
+
+The multi-device checks run in subprocesses (tests/ring_checks.py) because the device count
+must be set before jax is imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import ring
+
+HERE = os.path.dirname(__file__)
+
+
+def _run_group(group: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "ring_checks.py"), group],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# One test per subprocess, so that pytest-xdist runs each group once, on one worker.
+
+
+def test_ring_forward_and_gradients_match_single_device():
+    r = _run_group("gradients")
+    assert sorted(r) == sorted([
+        "full_zigzag_kv_lengths_empty_rows", "causal_contiguous_gqa_seg", "causal_zigzag_gqa_seg_lengths",
+        "auto_mesh_causal_zigzag_softcap_scale", "grid_batch_axis_causal_zigzag_gqa",
+    ])
+    for case, (fwd, grads) in r.items():
+        assert fwd < 1e-4, (case, fwd)
+        assert len(grads) == 3 and max(grads) < 1e-3, (case, grads)
+
+
+def test_ring_forward_matches_single_device():
+    r = _run_group("forward")
+    assert sorted(r) == sorted([
+        "grid_head_axis_gqa", "bf16_causal_zigzag", "vs_jax_nn", "presharded_inputs", "user_shard_map",
+    ])
+    for case, (fwd, _) in r.items():
+        assert fwd < (2e-2 if case.startswith("bf16") else 1e-4), (case, fwd)
+
+
+def test_memory_per_device_falls_with_ring_size():
+    memory = _run_group("memory")
+    print(json.dumps(memory))
+    temp = [memory[f"ring_P{n}"] for n in (1, 2, 4, 8)]
+    for prev, nxt in zip(temp, temp[1:]):
+        assert nxt < prev / 1.8, temp  # at least ~1/P per doubling of P
+    assert temp[-1] < memory["single_device_xla"] / 4, memory
+
+
+ERROR_CASES = {
+    "length_not_divisible": ("ValueError", "query: expected a sequence length divisible by 8"),
+    "length_not_divisible_jit": ("ValueError", "query: expected a sequence length divisible by 8"),
+    "zigzag_needs_2P": ("ValueError", "divisible by 16 (2 x 8 zig-zag chunks), got 8"),
+    "key_length_not_divisible": ("ValueError", "key: expected a sequence length divisible by 8"),
+    "batch_not_divisible": ("ValueError", "query: expected a batch size divisible by the size 2 of mesh axis 'd'"),
+    "heads_not_divisible": ("ValueError", "number of heads divisible by the size 2 of mesh axis 'h', got 3"),
+    "causal_cross_lengths": ("ValueError", "key: causal ring attention needs as many key rows"),
+}
+
+
+def test_multi_device_errors():
+    errors = _run_group("errors")
+    assert sorted(errors) == sorted(ERROR_CASES)
+    for case, (kind, text) in ERROR_CASES.items():
+        assert errors[case][0] == kind, (case, errors[case])
+        assert text in errors[case][1], (case, errors[case])
+
+
+# ----------------------------------------------------------------------------------------
+# In-process: layouts, load balance, and errors that need no second device.
+# ----------------------------------------------------------------------------------------
+
+
+def test_zigzag_positions_by_hand():
+    # 2 devices, 4 chunks of 2: device 0 holds chunks 0 and 3, device 1 chunks 1 and 2.
+    np.testing.assert_array_equal(ring.layout_positions(8, 2, "zigzag"), [0, 1, 6, 7, 2, 3, 4, 5])
+    np.testing.assert_array_equal(ring.layout_positions(6, 3, "contiguous"), np.arange(6))
+
+
+@pytest.mark.parametrize("layout", ring.LAYOUTS)
+def test_layout_round_trip(layout):
+    x = np.arange(2 * 12 * 3).reshape(2, 12, 3)
+    y = ring.to_layout(x, 3, layout)
+    np.testing.assert_array_equal(ring.from_layout(y, 3, layout), x)
+    np.testing.assert_array_equal(y[0, :, 0], x[0, np.asarray(ring.layout_positions(12, 3, layout)), 0])
+
+
+def _work(layout: str, P: int, Tl: int):
+    """Per device, the query-key pairs it computes over all steps, and the visible ones it covers."""
+    st = ring._Static("s", P, 1.0, None, True, layout)
+    regions = ring._regions(st, Tl)
+    computed, visible = np.zeros(P, int), np.zeros(P, int)
+    for me in range(P):
+        q_pos = np.asarray(ring._local_positions(layout, me, Tl, P))
+        for src in range(P):
+            k_pos = np.asarray(ring._local_positions(layout, src, Tl, P))
+            region = regions[int(ring._case(st, me, src))]
+            seen = np.zeros((Tl, Tl), bool)
+            if region is not None:
+                seen[region[0], region[1]] = True
+                computed[me] += seen.sum()
+            needed = k_pos[None, :] <= q_pos[:, None]
+            assert not (needed & ~seen).any(), (layout, me, src)  # no visible pair skipped
+            visible[me] += needed.sum()
+    return computed, visible
+
+
+def test_zigzag_balances_causal_work():
+    P, Tl = 8, 6
+    computed, visible = _work("zigzag", P, Tl)
+    assert len(set(computed.tolist())) == 1, computed  # every device does the same work
+    assert computed[0] == Tl * Tl + (P - 1) * Tl * Tl // 2  # diagonal + half a tile per step
+    computed_c, _ = _work("contiguous", P, Tl)
+    assert computed_c.max() == P * computed_c.min()  # last device P times the first
+    assert computed.max() < 0.6 * computed_c.max()
+
+
+def _one_device_mesh():
+    return jax.make_mesh((1,), ("s",), devices=jax.devices()[:1])
+
+
+Q = np.ones((1, 4, 2, 3), np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, kind, text",
+    [
+        (dict(bias=np.zeros((1, 2, 4, 4), np.float32)), ValueError, "bias: ring attention supports only"),
+        (dict(mask=np.ones((4, 4), bool)), ValueError, "mask: ring attention supports only"),
+        (dict(axis_name="nope"), ValueError, "axis_name: expected one of the mesh axes ('s',), got 'nope'"),
+        (dict(axis_name=None), ValueError, "axis_name: expected one of the mesh axes"),
+        (dict(batch_axis="s"), ValueError, "axis_name, batch_axis, head_axis: expected distinct"),
+        (dict(head_axis="x"), ValueError, "head_axis: expected one of the mesh axes"),
+        (dict(mesh="mesh"), TypeError, "mesh: expected a jax.sharding.Mesh"),
+        (dict(layout="striped"), ValueError, "layout: expected one of ('contiguous', 'zigzag')"),
+        (dict(local_window_size=2), TypeError, "local_window_size"),
+        (dict(q_segment_ids=np.zeros((1, 4), np.int32)), ValueError, "q_segment_ids, kv_segment_ids: expected both"),
+        (dict(key_value_seq_lengths=np.zeros((2,), np.int32)), ValueError, "key_value_seq_lengths: expected shape (1,)"),
+        (dict(key_value_seq_lengths=np.zeros((1,), np.float32)), TypeError, "key_value_seq_lengths: expected an integer"),
+        (dict(query=Q.astype(np.int32)), TypeError, "query: expected a floating dtype"),
+        (dict(query=Q[0]), ValueError, "query: expected rank 4 ([B, T, N, H])"),
+        (dict(key=np.ones((1, 4, 3, 3), np.float32), value=np.ones((1, 4, 3, 3), np.float32)),
+         ValueError, "N=2 must be a multiple of the key/value heads K=3"),
+        (dict(value=np.ones((1, 5, 2, 3), np.float32)), ValueError, "value: expected shape (1, 4, 2, 'Hv')"),
+        (dict(scale="big"), TypeError, "scale: expected a number"),
+        (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap: expected a value in (0"),
+    ],
+)
+def test_bad_input(kwargs, kind, text):
+    args = dict(query=Q, key=Q, value=Q, mesh=_one_device_mesh(), axis_name="s")
+    args.update(kwargs)
+    with pytest.raises(kind) as e:
+        jattn.sequence_parallel_attention(**args)
+    assert text in str(e.value)
+
+
+def test_ring_attention_unknown_axis_inside_shard_map():
+    mesh = jax.make_mesh((1,), ("s",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    sm = jax.shard_map(
+        lambda q: jattn.ring_attention(q, q, q, axis_name="seq"),
+        mesh=mesh, in_specs=jax.sharding.PartitionSpec(None, "s"), out_specs=jax.sharding.PartitionSpec(None, "s"),
+    )
+    with pytest.raises(ValueError, match="axis_name: expected a mesh axis of the enclosing shard_map, got 'seq'"):
+        jax.jit(sm)(jnp.ones((1, 4, 2, 3)))
+
+
+def test_layout_positions_bad_length():
+    with pytest.raises(ValueError, match="length: expected a sequence length divisible by 8"):
+        ring.layout_positions(12, 4, "zigzag")
