@@ -77,7 +77,7 @@ def _loss_and_metrics(params, batch: data.Batch, graphdef):
 def gradient_norms(grads: nnx.State) -> dict[str, jax.Array]:
     """L2 norms of the W_Q/W_K/W_V/W_O kernels of each layer, the embedding and the output."""
     g = nnx.to_pure_dict(grads)
-    norms = {"embed": optax.global_norm(g["embed"]), "output": optax.global_norm(g["output"])}
+    norms = {"embed": optax.tree.norm(g["embed"]), "output": optax.tree.norm(g["output"])}
     for i in sorted(g["blocks"]):
         attn = g["blocks"][i]["attn"]
         for name, module in PROJECTIONS.items():
@@ -95,7 +95,7 @@ def train_step(state: TrainState, batch: data.Batch, *, graphdef, tx, schedule):
         "loss": loss,
         "token_accuracy": token_accuracy,
         "learning_rate": schedule(state.step),
-        "grad_norm/global": optax.global_norm(grads),
+        "grad_norm/global": optax.tree.norm(grads),
         **{f"grad_norm/{k}": v for k, v in gradient_norms(grads).items()},
     }
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -104,28 +104,25 @@ def train_step(state: TrainState, batch: data.Batch, *, graphdef, tx, schedule):
 def decode(params, prompt: jax.Array, *, graphdef, num_new: int) -> jax.Array:
     """Greedy decoding with the KV cache: ``prompt [B, P]`` -> ``num_new`` tokens [B, num_new].
 
-    One token per step: the prompt tokens are fed in turn (filling the cache), then each
-    step feeds the previous step's argmax.
+    The whole prompt goes through the model in one call (filling the cache, causally), then
+    each step feeds only the previous step's argmax and attends to the cache.
     """
     B, P = prompt.shape
-    length = P + num_new - 1  # tokens ever fed to the model
     model = nnx.merge(graphdef, params)
-    model.init_cache(B, length)
+    model.init_cache(B, P + num_new - 1)  # every token but the last generated one is fed
+    logits = model(prompt, _positions(prompt), decode=True)  # [B, P, V]
+    first = jnp.argmax(logits[:, -1], -1).astype(prompt.dtype)  # [B]
     cache_graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
-    tokens = jnp.concatenate([prompt, jnp.full((B, num_new), data.PAD, prompt.dtype)], 1)  # [B, P+num_new]
 
-    def step(carry, t):
-        cache, tokens = carry
+    def step(carry, position):
+        cache, token = carry  # token [B]: the last generated token, at ``position``
         model = nnx.merge(cache_graphdef, params, cache)
-        current = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)  # [B, 1]
-        logits = model(current, jnp.full((B, 1), t), decode=True)  # [B, 1, V]
-        following = jax.lax.dynamic_slice_in_dim(tokens, t + 1, 1, axis=1)  # [B, 1]
-        chosen = jnp.where(t + 1 >= P, jnp.argmax(logits, -1).astype(tokens.dtype), following)  # [B, 1]
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen, t + 1, axis=1)
-        return (nnx.state(model, nnx.Cache), tokens), None
+        logits = model(token[:, None], jnp.full((B, 1), position), decode=True)  # [B, 1, V]
+        token = jnp.argmax(logits[:, 0], -1).astype(prompt.dtype)  # [B]
+        return (nnx.state(model, nnx.Cache), token), token
 
-    (_, tokens), _ = jax.lax.scan(step, (cache, tokens), jnp.arange(length))
-    return tokens[:, P:]  # [B, num_new]
+    _, rest = jax.lax.scan(step, (cache, first), jnp.arange(P, P + num_new - 1))  # rest [num_new-1, B]
+    return jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, num_new]
 
 
 def eval_step(params, batch: data.Batch, *, graphdef, seq_len: int):
