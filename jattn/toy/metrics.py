@@ -26,8 +26,10 @@ class MetricsLog:
             with open(path) as f:
                 lines = [line for line in f if line.endswith("\n")]
             kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
-        with open(path, "w") as f:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(kept)
+        os.replace(tmp, path)  # atomic: a kill here cannot lose the kept rows
 
     def append(self, row: dict) -> None:
         with open(self.path, "a") as f:
