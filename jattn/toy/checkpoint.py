@@ -37,7 +37,7 @@ class Checkpointer:
 
     def _discard_incomplete(self) -> list[str]:
         """Delete step directories that lack orbax's commit marker; return their paths."""
-        doomed = [self._directory / str(s) for s in self._manager.all_steps(read=True)]
+        doomed = [self._directory / str(s) for s in self._manager.all_steps()]
         doomed = [str(p) for p in doomed if not (p / COMMIT_FILE).is_file()]
         for path in doomed:
             shutil.rmtree(path)
@@ -47,7 +47,7 @@ class Checkpointer:
 
     def complete_steps(self) -> list[int]:
         """Steps of finished checkpoints, ascending."""
-        return sorted(self._manager.all_steps(read=True))
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None."""

@@ -84,7 +84,7 @@ def run(config, workdir: str) -> dict:
                         vocab_size=config.vocab_size, task=config.task),
         mesh_lib.batch_sharded(mesh),
     )
-    kill_after = int(os.environ.get(KILL_ENV, -1))
+    kill_after = int(os.environ.get(KILL_ENV) or -1)
 
     def evaluate(step: int) -> dict:
         result, outputs = steps.eval_step(state.params, heldout)
