@@ -44,7 +44,7 @@ class _Static(NamedTuple):
     window: tuple[int, int] | None
 
 
-DEFAULT_BLOCK_SIZES = (512, 1024)
+DEFAULT_BLOCK_SIZES = (256, 256)
 
 
 def block_sizes_for(T: int, S: int, block_sizes: tuple[int, int] | None) -> tuple[int, int]:

@@ -38,7 +38,7 @@ from jattn.multihead import (
 )
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
-CHUNKED_MIN_TS = 1024 * 1024  # T * S from which None picks 'chunked' over 'xla'
+CHUNKED_MIN_TS = 256 * 512  # T * S from which None picks 'chunked' over 'xla' (> one default tile)
 CUDNN_HEAD_DIMS = range(8, 129, 8)  # head dims cuDNN's fused attention accepts (H == Hv)
 
 
