@@ -65,7 +65,7 @@ def test_flax_params_give_flax_outputs(N, K, F, qkv, B, T):
     assert state["key"]["kernel"].shape == (F, K or N, qkv // N)
     assert state["out"]["kernel"].shape == (N, qkv // N, 5)
     x, y = normal(B, T, F), normal(B, T + 2, F)
-    np.testing.assert_allclose(ours(x), theirs(x), **TOL)  # eager once
+    np.testing.assert_allclose(run(ours, x), run(theirs, x), **TOL)
     mask = flax_full_mask(B, N, T, T + 2, seed=T)
     np.testing.assert_allclose(run(ours, x, y, mask=mask), run(theirs, x, y, mask=mask), **TOL)
     float_mask = nnx.make_causal_mask(x[..., 0])  # Flax's float 0/1 mask [B, 1, T, T]
@@ -112,8 +112,7 @@ def test_extras_soft_cap_and_rope_against_functional_core():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("N, K", [(4, None), (4, 2), (4, 1)])  # MHA, GQA, MQA
-@pytest.mark.parametrize("rope", [None, 50.0])
+@pytest.mark.parametrize("N, K, rope", [(4, None, None), (4, 2, 50.0), (4, 1, None)])  # MHA, GQA, MQA
 def test_decode_reproduces_full_causal_pass(N, K, rope):
     _, ours = pair(N, 6, 8, K, rope_base=rope)
     x = normal(2, 6, 6)
@@ -298,3 +297,17 @@ def test_constructor_and_input_errors():
         ours(normal(2, 3, 6), inputs_v=normal(2, 3, 6))
     with pytest.raises(ValueError, match="mask"):
         ours(normal(2, 3, 6), mask=jnp.ones((2, 4, 3, 5), bool))
+
+
+def test_bfloat16_compute_and_cache():
+    _, ours = pair(4, 6, 8, 2)
+    low = MultiHeadAttention(4, 6, 8, num_kv_heads=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    nnx.update(low, nnx.state(ours, nnx.Param))
+    x = normal(2, 5, 6)
+    full = run(low, x, is_causal=True)
+    assert full.dtype == jnp.bfloat16
+    np.testing.assert_allclose(full.astype(jnp.float32), run(ours, x, is_causal=True), atol=5e-2, rtol=5e-2)
+    low.init_cache((2, 5, 6), jnp.bfloat16)
+    steps = jnp.concatenate([run(low, x[:, t:t + 1], decode=True, is_causal=True) for t in range(5)], 1)
+    assert low.cached_key.dtype == jnp.bfloat16 and steps.dtype == jnp.bfloat16
+    np.testing.assert_allclose(steps.astype(jnp.float32), full.astype(jnp.float32), atol=2e-2, rtol=2e-2)
