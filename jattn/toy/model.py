@@ -24,7 +24,8 @@ def sinusoidal_positions(positions: jax.Array, d_model: int) -> jax.Array:
     """Positions ``[*, T]`` (int) -> ``[*, T, D]`` with sin on even and cos on odd features."""
     freqs = 10000.0 ** (-jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model)  # [D/2]
     angles = positions[..., None].astype(jnp.float32) * freqs  # [*, T, D/2]
-    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], d_model)
+    pairs = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [*, T, D/2, 2]
+    return pairs.reshape(*angles.shape[:-1], d_model)  # [*, T, D]
 
 
 class Block(nnx.Module):

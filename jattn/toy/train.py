@@ -143,7 +143,8 @@ def attention_maps(params, inputs: jax.Array, *, graphdef) -> jax.Array:
     forward = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)
     _, sown = forward(inputs, _positions(inputs), sow_weights=True)
     sown = nnx.to_pure_dict(sown)
-    return jnp.stack([sown["blocks"][i]["attn"]["attention_weights"][0] for i in sorted(sown["blocks"])])
+    per_layer = [sown["blocks"][i]["attn"]["attention_weights"][0] for i in sorted(sown["blocks"])]  # [B, N, T, T] each
+    return jnp.stack(per_layer)  # [layers, B, N, T, T]
 
 
 class Steps(NamedTuple):
