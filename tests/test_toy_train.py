@@ -4,6 +4,7 @@ One run of ``configs/tiny.py`` (copy 4 symbols) feeds every check, so they live 
 test (a module fixture would be re-run on each pytest-xdist worker).
 """
 
+import functools
 import json
 import pathlib
 import runpy
@@ -109,11 +110,16 @@ def check_cached_logits_match_full_forward(trained, trained_params):
     full = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, jnp.broadcast_to(jnp.arange(T), (B, T))))(
         params, inputs)  # [B, T, V]
 
-    @jax.jit
-    def cached(params, inputs):  # one token per call, unrolled over the T positions
+    P = config.seq_len + 2  # prompt length, as in decode()
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def cached(params, inputs, prefill):  # ``prefill`` tokens in one call, then one per call
         model = nnx.merge(graphdef, params)
         model.init_cache(B, T)
-        steps = [model(inputs[:, t : t + 1], jnp.full((B, 1), t), decode=True) for t in range(T)]
+        chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, T)]
+        steps = [model(inputs[:, a:b], jnp.broadcast_to(jnp.arange(a, b), (B, b - a)), decode=True)
+                 for a, b in chunks]
         return jnp.concatenate(steps, axis=1)  # [B, T, V]
 
-    np.testing.assert_allclose(cached(params, inputs), full, atol=2e-5, rtol=2e-5)
+    for prefill in (1, P):
+        np.testing.assert_allclose(cached(params, inputs, prefill), full, atol=2e-5, rtol=2e-5)
