@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mlp_dim = 256  # hidden width of each block's MLP
     c.attention_implementation = config_dict.placeholder(str)  # jattn implementation; None = automatic
     # --- optimisation: AdamW, linear warmup then cosine decay to 0, global-norm clipping ---
-    c.num_train_steps = 300  # optimizer steps (held-out accuracy is ~1.0 after ~150)
+    c.num_train_steps = 300  # optimizer steps (held-out seq_accuracy reaches 0.99-1.0 by step ~100; 3x margin)
     c.batch_size = 64  # sequences per step (split over the 'data' mesh axis)
     c.learning_rate = 3e-3  # peak learning rate, reached after warmup_steps
     c.warmup_steps = 30  # linear warmup from 0; must be < num_train_steps
