@@ -6,12 +6,12 @@ from jattn.dispatch import explain_implementation
 from jattn.flax_attention_fn import flax_attention_fn
 from jattn.multihead import dot_product_attention
 from jattn.ring import ring_attention
-from jattn.sequence_parallel import sequence_parallel_attention
+from jattn.sequence_parallel import sequence_parallel_attention, sequence_parallel_attention_fn
 from jattn.rope import apply_rope
 
 __all__ = ["attention", "dot_product_attention", "explain_implementation", "masks"]
 __all__ += ["apply_rope", "flax_attention_fn"]
-__all__ += ["ring_attention", "sequence_parallel_attention"]
+__all__ += ["ring_attention", "sequence_parallel_attention", "sequence_parallel_attention_fn"]
 __version__ = "0.1.0"
 
 

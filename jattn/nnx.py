@@ -39,8 +39,14 @@ class MultiHeadAttention(nnx.Module):
     out_features, num_kv_heads, in_kv_features, dtype, param_dtype, broadcast_dropout,
     dropout_rate, deterministic, precision, kernel_init, out_kernel_init, bias_init,
     out_bias_init, use_bias, decode, normalize_qk, *_promote_dtype, rngs, keep_rngs,
-    *_metadata``), except ``attention_fn`` (jattn is the attention) and the deprecated
-    ``*_dot_general*`` hooks. ``decode=None`` means False.
+    *_metadata``, ``attention_fn``), except the deprecated ``*_dot_general*`` hooks.
+    ``decode=None`` means False.
+
+    ``attention_fn`` (default ``jattn.flax_attention_fn``) is called as Flax calls it
+    (``query, key, value, mask=, dropout_rng=, dropout_rate=, broadcast_dropout=,
+    deterministic=, dtype=, precision=, module=, is_causal=``) plus the keywords
+    ``implementation=`` and ``logits_soft_cap=`` below; e.g.
+    ``jattn.sequence_parallel_attention_fn(...)`` runs ring attention over a mesh axis.
 
     Extras:
       implementation: passed to ``jattn.dot_product_attention`` (None = automatic).
@@ -86,6 +92,7 @@ class MultiHeadAttention(nnx.Module):
         implementation: str | None = None,
         logits_soft_cap: float | None = None,
         rope_base: float | None = None,
+        attention_fn=flax_attention_fn,
     ):
         self.num_heads = num_heads
         self.in_features = in_features
@@ -114,6 +121,7 @@ class MultiHeadAttention(nnx.Module):
         self.implementation = implementation
         self.logits_soft_cap = logits_soft_cap
         self.rope_base = rope_base
+        self.attention_fn = attention_fn
 
         def projection(in_features, heads):
             return nnx.LinearGeneral(
@@ -259,10 +267,11 @@ class MultiHeadAttention(nnx.Module):
             key = apply_rope(key, jnp.arange(S) if kv_positions is None else kv_positions, self.rope_base)
 
         dropout_rng = self._dropout_rng(deterministic, rngs)
-        x = flax_attention_fn(
+        x = self.attention_fn(
             query, key, value, mask=mask,
             dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
-            deterministic=dropout_rng is None, dtype=self.dtype,
+            broadcast_dropout=self.broadcast_dropout, deterministic=dropout_rng is None,
+            dtype=self.dtype, precision=self.precision,
             module=self if sow_weights else None, is_causal=is_causal,
             implementation=self.implementation, logits_soft_cap=self.logits_soft_cap,
         )  # [*B, T, N, H]
