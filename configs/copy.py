@@ -36,7 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 100  # orbax checkpoint interval (and one at the end)
     c.max_checkpoints_to_keep = 2  # older checkpoints are deleted
     c.check_grads = True  # at start-up, compare jattn's gradients with finite differences
-    # --- device mesh (issue 6 adds more axes) ---
+    # --- device mesh: data x sequence devices (e.g. --config.mesh.data=2 --config.mesh.sequence=4) ---
+    # With sequence P > 1 the training batch is padded to a multiple of 2P positions (zero loss weight)
+    # and permuted into ring attention's zig-zag layout; evaluation and decoding are not sequence-split.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the data-parallel (batch) axis; -1 = all local devices
+    c.mesh.data = -1  # devices on the data-parallel (batch) axis; -1 = all local devices left by sequence
+    c.mesh.sequence = 1  # devices per training sequence (ring attention; needs attention_implementation None)
     return c

@@ -15,4 +15,6 @@ def get_config():
     c.seq_len = 16  # longer than the default copy task (T = 33 model positions)
     c.num_train_steps = 500  # a little more training than copying
     c.eval_every_steps = 100  # greedy-decode the held-out set every 100 steps
+    # mesh.data / mesh.sequence come from copy.py (all devices data-parallel); set
+    # --config.mesh.sequence=P to split each training sequence over P devices (ring attention).
     return c

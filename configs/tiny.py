@@ -21,4 +21,6 @@ def get_config():
     c.warmup_steps = 10  # short warmup
     c.eval_every_steps = 50  # evaluate every 50 steps
     c.checkpoint_every_steps = 50  # checkpoint every 50 steps
+    # mesh.data / mesh.sequence come from copy.py (all devices data-parallel); set
+    # --config.mesh.sequence=P to split each training sequence over P devices (ring attention).
     return c

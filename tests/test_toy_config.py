@@ -72,7 +72,7 @@ def test_unknown_and_missing_fields():
 def test_mesh_checks():
     c = load("copy")
     mesh = mesh_lib.make_mesh(c.mesh, 64)
-    assert dict(mesh.shape) == {"data": len(jax.local_devices())}
+    assert dict(mesh.shape) == {"data": len(jax.local_devices()), "sequence": 1}
     c.mesh.data = len(jax.local_devices()) + 2
     with pytest.raises(ValueError, match=r"config.mesh.data: expected -1 or at most \d+ \(local devices\)"):
         mesh_lib.make_mesh(c.mesh, 64)

@@ -1,8 +1,9 @@
 """The device mesh and the shardings the trainer uses.
 
-Today the mesh has one axis, ``'data'``: the batch is split over it and the parameters and
-optimizer state are replicated. ``config.mesh`` holds one entry per axis, so more axes
-(sequence, tensor) are new entries here, not a new code path.
+Two axes, one entry of ``config.mesh`` each: ``'data'`` splits the batch, ``'sequence'``
+splits the (padded, zig-zag permuted) sequence of the training batch, with ring attention
+between the devices of a row (see ``jattn.toy.train.to_sequence_layout``). Parameters and
+optimizer state are replicated. A new axis (tensor) would be a new entry here.
 """
 
 from __future__ import annotations
@@ -11,22 +12,32 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data",)
+AXES = ("data", "sequence")
 
 
 def make_mesh(mesh_config, batch_size: int, devices=None) -> Mesh:
-    """A mesh of the local devices with the axis sizes of ``mesh_config`` (-1 = all).
+    """A ``[data, sequence]`` mesh of the local devices with the sizes of ``mesh_config``
+    (``data=-1``: all devices that ``sequence`` leaves).
 
     Raises ValueError, before anything compiles, if the devices do not fit or the batch
     does not split evenly over the data axis.
     """
     devices = list(jax.local_devices() if devices is None else devices)
-    data = len(devices) if mesh_config.data == -1 else mesh_config.data
-    if data > len(devices):
+    n, sequence = len(devices), mesh_config.sequence
+    if sequence > n:
+        raise ValueError(f"config.mesh.sequence: expected at most {n} (local devices), got {sequence}")
+    if mesh_config.data == -1 and n % sequence:
         raise ValueError(
-            f"config.mesh.data: expected -1 or at most {len(devices)} (local devices), got {data}"
+            f"config.mesh.sequence: expected a divisor of the {n} local devices when mesh.data=-1, "
+            f"got {sequence}"
         )
-    grid = np.array(devices[:data]).reshape(data)  # [data]
+    data = n // sequence if mesh_config.data == -1 else mesh_config.data
+    if data * sequence > n:
+        raise ValueError(
+            f"config.mesh.data: expected -1 or at most {n // sequence} (local devices) with "
+            f"mesh.sequence={sequence}, got {data}"
+        )
+    grid = np.array(devices[: data * sequence]).reshape(data, sequence)  # [data, sequence]
     mesh = Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
     check_divides(mesh, "batch_size", batch_size)
     return mesh
@@ -46,3 +57,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``'data'``, the rest replicated."""
     return NamedSharding(mesh, P("data"))
+
+
+def tokens_sharded(mesh: Mesh) -> NamedSharding:
+    """``[B, T]`` arrays: batch split over ``'data'``, sequence over ``'sequence'``."""
+    return NamedSharding(mesh, P("data", "sequence"))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jattn.flax_attention_fn import flax_attention_fn
 from jattn.nnx import MultiHeadAttention
 
 
@@ -32,10 +33,11 @@ class Block(nnx.Module):
     """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, d_model: int, num_heads: int, mlp_dim: int, *, implementation: str | None,
-                 rngs: nnx.Rngs):
+                 attention_fn, rngs: nnx.Rngs):
         self.attn_norm = nnx.LayerNorm(d_model, rngs=rngs)
         self.attn = MultiHeadAttention(num_heads=num_heads, in_features=d_model, decode=False,
-                                       implementation=implementation, rngs=rngs)
+                                       implementation=implementation, attention_fn=attention_fn,
+                                       rngs=rngs)
         self.mlp_norm = nnx.LayerNorm(d_model, rngs=rngs)
         self.mlp_in = nnx.Linear(d_model, mlp_dim, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_dim, d_model, rngs=rngs)
@@ -49,10 +51,15 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     def __init__(self, *, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
-                 mlp_dim: int, implementation: str | None = None, rngs: nnx.Rngs):
+                 mlp_dim: int, implementation: str | None = None, attention_fn=flax_attention_fn,
+                 rngs: nnx.Rngs):
         self.d_model = d_model
         self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-        self.blocks = nnx.List([Block(d_model, num_heads, mlp_dim, implementation=implementation, rngs=rngs) for _ in range(num_layers)])
+        self.blocks = nnx.List([
+            Block(d_model, num_heads, mlp_dim, implementation=implementation,
+                  attention_fn=attention_fn, rngs=rngs)
+            for _ in range(num_layers)
+        ])
         self.final_norm = nnx.LayerNorm(d_model, rngs=rngs)
         self.output = nnx.Linear(d_model, vocab_size, rngs=rngs)
 
@@ -70,8 +77,9 @@ class Transformer(nnx.Module):
             block.attn.init_cache((batch_size, max_length, self.d_model))
 
 
-def create_model(config, rngs: nnx.Rngs) -> Transformer:
+def create_model(config, rngs: nnx.Rngs, attention_fn=flax_attention_fn) -> Transformer:
+    """The config's Transformer; ``attention_fn`` as in ``jattn.nnx.MultiHeadAttention``."""
     return Transformer(vocab_size=config.vocab_size, num_layers=config.num_layers,
                        d_model=config.d_model, num_heads=config.num_heads,
                        mlp_dim=config.mlp_dim, implementation=config.attention_implementation,
-                       rngs=rngs)
+                       attention_fn=attention_fn, rngs=rngs)

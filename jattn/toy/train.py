@@ -1,11 +1,22 @@
 """Training state, the jitted train/eval steps and greedy decoding with the KV cache.
 
 Shape glossary: B batch, T = 2L+1 model input length, L source length, P = L+2 prompt
-length, V vocabulary, N heads.
+length, V vocabulary, N heads, Q devices on the 'sequence' mesh axis, Tq = T padded to a
+multiple of 2Q.
 
 Everything here is a pure function of its arguments: the model's structure (``graphdef``)
 and the optimizer are bound in by ``jit_steps``; the state (step, parameters, optimizer
 state) is an explicit pytree, donated to ``train_step``.
+
+Sequence parallelism (``config.mesh.sequence = Q > 1``) changes the training step only.
+Each training batch is padded at the end to Tq positions (PAD tokens with zero loss weight:
+under the causal mask no real position sees them) and permuted into ring attention's
+zig-zag layout (``jattn.ring.to_layout``), then split ``[B, Tq]`` over ('data', 'sequence').
+The model keeps that order; its sinusoidal positions are ``layout_positions`` (the original
+index of each row) and its attention is ``jattn.sequence_parallel_attention_fn``. The loss
+is a weighted sum over positions, so the order does not change it. Evaluation, greedy
+decoding (KV cache) and attention maps use the same parameters in a model with the default
+attention (the graphdefs differ only in ``attention_fn``).
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jattn.ring import layout_positions, to_layout
+from jattn.sequence_parallel import sequence_parallel_attention_fn
 from jattn.toy import data, mesh as mesh_lib
 from jattn.toy.model import create_model
 
@@ -54,18 +67,35 @@ def create_train_state(config, mesh) -> tuple[nnx.GraphDef, TrainState]:
         params = nnx.state(create_model(config, nnx.Rngs(params=config.seed)), nnx.Param)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, nnx.Rngs(params=0))))
     state = jax.jit(init, out_shardings=mesh_lib.replicated(mesh))()
-    return graphdef, state
+    return model_graphdef(config), state
 
 
-def _positions(tokens: jax.Array) -> jax.Array:
-    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)  # [B, T]
+def model_graphdef(config, attention_fn=None) -> nnx.GraphDef:
+    """The model's structure; ``attention_fn`` None = the default (``jattn.flax_attention_fn``)."""
+    kwargs = {} if attention_fn is None else {"attention_fn": attention_fn}
+    return nnx.graphdef(nnx.eval_shape(lambda: create_model(config, nnx.Rngs(params=0), **kwargs)))
 
 
-def _loss_and_metrics(params, batch: data.Batch, graphdef):
+def to_sequence_layout(batch: data.Batch, num_devices: int) -> data.Batch:
+    """Pad ``[B, T]`` to ``[B, Tq]`` (PAD, weight 0) and permute into the zig-zag layout."""
+    if num_devices == 1:
+        return batch
+    pad = -batch.inputs.shape[1] % (2 * num_devices)
+    padded = (jnp.pad(x, ((0, 0), (0, pad))) for x in batch)  # [B, Tq] each; PAD = 0, weight 0
+    return data.Batch(*(to_layout(x, num_devices, "zigzag") for x in padded))
+
+
+def _positions(tokens: jax.Array, num_devices: int = 1) -> jax.Array:
+    """Original position of each row of ``tokens [B, T]`` (stored in zig-zag if ``num_devices > 1``)."""
+    T = tokens.shape[1]
+    order = jnp.arange(T) if num_devices == 1 else layout_positions(T, num_devices, "zigzag")  # [T]
+    return jnp.broadcast_to(order, tokens.shape)  # [B, T]
+
+
+def _loss_and_metrics(params, batch: data.Batch, graphdef, sequence_devices: int = 1):
     model = nnx.merge(graphdef, params)
-    logits = model(batch.inputs, _positions(batch.inputs))  # [B, T, V]
+    logits = model(batch.inputs, _positions(batch.inputs, sequence_devices))  # [B, T, V]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)  # [B, T]
     count = jnp.sum(batch.weights)
     loss = jnp.sum(ce * batch.weights) / count
@@ -85,10 +115,10 @@ def gradient_norms(grads: nnx.State) -> dict[str, jax.Array]:
     return norms
 
 
-def train_step(state: TrainState, batch: data.Batch, *, graphdef, tx, schedule):
-    """One AdamW step on ``batch``. Returns the new state and this step's metrics."""
+def train_step(state: TrainState, batch: data.Batch, *, graphdef, tx, schedule, sequence_devices: int):
+    """One AdamW step on ``batch`` (in ``to_sequence_layout``). Returns the new state and metrics."""
     grad_fn = jax.value_and_grad(_loss_and_metrics, has_aux=True)
-    (loss, token_accuracy), grads = grad_fn(state.params, batch, graphdef)
+    (loss, token_accuracy), grads = grad_fn(state.params, batch, graphdef, sequence_devices)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -153,19 +183,26 @@ class Steps(NamedTuple):
     train_step: Callable  # (state, batch) -> (state, metrics); state donated
     eval_step: Callable  # (params, batch) -> (metrics, outputs [B, L])
     attention_maps: Callable  # (params, inputs [B, T]) -> [layers, B, N, T, T]
-    train_batch: Callable  # (step) -> Batch, sharded over the data axis
+    train_batch: Callable  # (step) -> Batch [B, Tq] in to_sequence_layout, over ('data', 'sequence')
 
 
 def jit_steps(config, graphdef, mesh) -> Steps:
-    rep, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
-    train = functools.partial(train_step, graphdef=graphdef, tx=make_optimizer(config),
-                              schedule=make_schedule(config))
-    batch_fn = functools.partial(data.train_batch, config.seed, batch_size=config.batch_size,
-                                 seq_len=config.seq_len, vocab_size=config.vocab_size, task=config.task)
+    rep, tokens = mesh_lib.replicated(mesh), mesh_lib.tokens_sharded(mesh)
+    Q = mesh.shape["sequence"]
+    train_graphdef = graphdef if Q == 1 else model_graphdef(config, sequence_parallel_attention_fn(
+        mesh=mesh, axis_name="sequence", batch_axis="data", layout="zigzag"))
+    train = functools.partial(train_step, graphdef=train_graphdef, tx=make_optimizer(config),
+                              schedule=make_schedule(config), sequence_devices=Q)
+    make = functools.partial(data.train_batch, config.seed, batch_size=config.batch_size,
+                             seq_len=config.seq_len, vocab_size=config.vocab_size, task=config.task)
+
+    def batch_fn(step):
+        return to_sequence_layout(make(step), Q)
+
     return Steps(
         train_step=jax.jit(train, donate_argnums=0, out_shardings=(rep, rep)),
         eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef, seq_len=config.seq_len),
                           out_shardings=(rep, rep)),
         attention_maps=jax.jit(functools.partial(attention_maps, graphdef=graphdef)),
-        train_batch=jax.jit(batch_fn, out_shardings=sharded),
+        train_batch=jax.jit(batch_fn, out_shardings=tokens),
     )

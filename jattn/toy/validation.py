@@ -54,6 +54,7 @@ SCHEMA: dict[str, Any] = {
     "check_grads": (bool, lambda v: True, "a bool"),
     "mesh": {
         "data": (_INT, lambda v: v == -1 or v > 0, "-1 (all local devices) or a positive int"),
+        "sequence": (_INT, _positive, "a positive int"),
     },
 }
 
@@ -98,6 +99,11 @@ def validate(config) -> None:
             problems.append(
                 f"config.warmup_steps: expected < num_train_steps={config.num_train_steps}, "
                 f"got {config.warmup_steps}"
+            )
+        if config.mesh.sequence > 1 and config.attention_implementation is not None:
+            problems.append(
+                "config.attention_implementation: expected None with mesh.sequence > 1 (ring "
+                f"attention computes its own tiles), got {config.attention_implementation!r}"
             )
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
