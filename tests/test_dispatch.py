@@ -16,14 +16,14 @@ def _shapes(T, S=None, H=64, Hv=None, dtype=jnp.float32, N=8, K=8):
 
 
 def test_short_sequences_use_xla_long_ones_chunked():
-    short = jattn.explain_implementation(*_shapes(256))
+    short = jattn.explain_implementation(*_shapes(64))
     assert short.implementation == "xla" and "short" in short.reason
     long = jattn.explain_implementation(*_shapes(4096), is_causal=True)
     assert long.implementation == "chunked" and "long" in long.reason
     # The rule is on T * S, at the documented threshold.
-    edge_T = dispatch.CHUNKED_MIN_TS // 512
-    assert jattn.explain_implementation(*_shapes(edge_T, 512)).implementation == "chunked"
-    assert jattn.explain_implementation(*_shapes(edge_T - 1, 512)).implementation == "xla"
+    edge_T = dispatch.CHUNKED_MIN_TS // 64
+    assert jattn.explain_implementation(*_shapes(edge_T, 64)).implementation == "chunked"
+    assert jattn.explain_implementation(*_shapes(edge_T - 1, 64)).implementation == "xla"
 
 
 @pytest.mark.parametrize("kwargs,why", [
