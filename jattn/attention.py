@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _checks
-from jattn.masks import StructuredMask
+from jattn.masks import StructuredMask, combine_masks
 
 
 class HeadOutput(NamedTuple):
@@ -26,6 +26,40 @@ class HeadOutput(NamedTuple):
 def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
     """``cap * tanh(logits / cap)`` (Gemma 2's logit soft cap); identity for ``cap=None``."""
     return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+@jax.custom_jvp
+def masked_softmax(logits: jax.Array, visible: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Row softmax over the visible entries and the row logsumexp: [T, S] -> ([T, S], [T]).
+
+    A row with nothing visible gives weights 0 and logsumexp -inf. ``visible=None`` means
+    every entry is visible. The JVP is the closed form ``w ∘ (dx - Σ w dx)``, which keeps
+    reverse mode as cheap as jax.nn.softmax's and lets grad, jvp and vjp all compose.
+    """
+    if visible is None:
+        row_max = jnp.max(logits, axis=-1, keepdims=True)  # [T, 1]
+        p = jnp.exp(logits - row_max)  # [T, S]
+    else:
+        row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)  # [T, 1]
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        # Mask before exp: a hidden logit far above the row max must not overflow.
+        p = jnp.exp(jnp.where(visible, logits - row_max, -jnp.inf))  # [T, S]
+    total = jnp.sum(p, axis=-1, keepdims=True)  # [T, 1]
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    lse = jnp.where(seen, row_max + jnp.log(safe), -jnp.inf)[:, 0]  # [T]
+    return p / safe, lse
+
+
+@masked_softmax.defjvp
+def _masked_softmax_jvp(primals, tangents):
+    logits, visible = primals
+    d_logits = tangents[0]
+    weights, lse = masked_softmax(logits, visible)
+    if visible is not None:
+        d_logits = jnp.where(visible, d_logits, 0.0)  # a hidden logit's tangent is irrelevant
+    d_lse = jnp.sum(weights * d_logits, axis=-1)  # [T]
+    return (weights, lse), (weights * (d_logits - d_lse[:, None]), d_lse)
 
 
 def attention_head(
@@ -48,22 +82,15 @@ def attention_head(
     f32 = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("td,sd->ts", q, k, preferred_element_type=f32) * scale  # [T, S]
     logits = soft_cap(logits, logits_soft_cap)
+    hidden_by_bias = None
     if bias is not None:
         logits = logits + bias.astype(f32)
-    visible = logits > -jnp.inf  # [T, S]: a -inf bias hides a key too
+        hidden_by_bias = jnp.broadcast_to(bias > -jnp.inf, (T, S))  # scores are finite: only a -inf bias hides
     tile = structure.tile(jnp.arange(T), jnp.arange(S))
-    for m in (mask, tile):
-        if m is not None:
-            visible = visible & m
-    row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1)  # [T]
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    # Mask before exp: a hidden logit far above the row max must not overflow (inf · 0 = NaN in grads).
-    p = jnp.exp(jnp.where(visible, logits - row_max[:, None], -jnp.inf))  # [T, S]
-    row_sum = jnp.sum(p, axis=-1)  # [T]
-    seen = row_sum > 0
-    safe_sum = jnp.where(seen, row_sum, 1.0)
-    weights = p / safe_sum[:, None]  # [T, S]
-    lse = jnp.where(seen, row_max + jnp.log(safe_sum), -jnp.inf)  # [T]
+    visible = combine_masks(hidden_by_bias, mask, tile)
+    if visible is not None:
+        visible = jnp.broadcast_to(visible, (T, S))
+    weights, lse = masked_softmax(logits, visible)  # [T, S], [T]
     mixed = weights if keep is None else weights * keep
     out = jnp.einsum("ts,sd->td", mixed, v, preferred_element_type=f32)  # [T, d_v]
     return HeadOutput(out.astype(q.dtype), weights, lse)

@@ -44,12 +44,16 @@ class _Static(NamedTuple):
     window: tuple[int, int] | None
 
 
-DEFAULT_BLOCK_SIZES = (256, 256)
+# Measured on a 2-core CPU (fp32, N=8, H=64): 512-row query blocks cut the forward time by
+# 30-45% from T=1024 on; for shorter queries 256 rows keep the backward fastest.
+DEFAULT_BLOCK_KV = 256
 
 
 def block_sizes_for(T: int, S: int, block_sizes: tuple[int, int] | None) -> tuple[int, int]:
     """(bq, bk): the requested or default sizes, shrunk to the lengths for short inputs."""
-    bq, bk = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
+    if block_sizes is None:
+        block_sizes = (512 if T >= 1024 else 256, DEFAULT_BLOCK_KV)
+    bq, bk = block_sizes
     return min(bq, T), min(bk, S)
 
 

@@ -9,12 +9,12 @@ H key head dim, Hv value head dim.
    the weights; ``'chunked'`` never holds them).
 2. An NVIDIA GPU and every cuDNN constraint holds (see ``cudnn_problems``) -> ``'cudnn'``
    (``jax.nn.dot_product_attention(implementation='cudnn')`` on all heads at once).
-3. ``T * S >= CHUNKED_MIN_TS`` (128·128) -> ``'chunked'`` (memory-linear flash attention),
-   else ``'xla'``. Measured on CPU (fp32, B=1, N=8, H=64) with
-   ``benchmarks/bench_attention.py --lengths 128 256 512 --only jattn:xla jattn:chunked``:
-   at T = 128 and 256 both forwards are within 10% (one tile either way) and 'chunked' is
-   1.3-1.6x faster forward+backward; from T = 512 on it is faster in both and its memory
-   stays linear. Below 128·128 the one-tile programs are the same work and 'xla' is simpler.
+3. ``T * S >= CHUNKED_MIN_TS`` (512·1024) -> ``'chunked'`` (memory-linear flash attention),
+   else ``'xla'``. Measured on the 2-core CPU (fp32, B=1, N=8, H=64, medians of interleaved
+   runs): at T = S = 512 'xla' is 1.0-1.3x jax.nn's speed forward and 0.7-1.2x
+   forward+backward (noisy), ahead of 'chunked' (0.75-0.9x / 0.75-1.1x); from T = 1024 on
+   'chunked' wins both ways (1.7-3.2x forward, 1.35-2.4x forward+backward) and its memory
+   stays linear.
 
 A named implementation runs as asked, with two exceptions: ``'chunked'`` with
 ``return_weights`` or dropout falls back to ``'xla'`` with a ``UserWarning`` (the result is
@@ -41,7 +41,7 @@ from jattn.multihead import (
 )
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
-CHUNKED_MIN_TS = 128 * 128  # T * S from which None picks 'chunked' over 'xla' (measured)
+CHUNKED_MIN_TS = 512 * 1024  # T * S from which None picks 'chunked' over 'xla' (measured)
 CUDNN_HEAD_DIMS = range(8, 129, 8)  # head dims cuDNN's fused attention accepts (H == Hv)
 
 
