@@ -173,10 +173,12 @@ def memory():
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
             mem = step.lower(q, q, q).compile().memory_analysis()
         r[f"ring_P{n}"] = int(mem.temp_size_in_bytes)
-    one = jax.jit(jax.value_and_grad(
-        lambda q, k, v: jnp.sum(jattn.dot_product_attention(q, k, v, is_causal=True)), argnums=(0, 1, 2)
-    ))
-    r["single_device_xla"] = int(one.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes)
+    for impl in ("xla", "chunked"):
+        one = jax.jit(jax.value_and_grad(
+            lambda q, k, v: jnp.sum(jattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)),
+            argnums=(0, 1, 2),
+        ))
+        r[f"single_device_{impl}"] = int(one.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes)
     return r
 
 
