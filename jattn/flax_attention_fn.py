@@ -9,9 +9,8 @@ N query heads, K kv heads (N = K·G), H head dim.
 Differences from Flax's ``dot_product_attention`` (on purpose):
   * a query row that sees no key returns 0 (Flax: the mean of ``value``);
   * softmax and accumulation are always fp32 (``precision`` is accepted and not needed);
-  * dropout draws an independent keep-mask per (batch, head) element from ``dropout_rng``
-    (``broadcast_dropout=True`` in Flax shares one [T, S] mask over batch and heads); the
-    expected output and the per-element keep probability are the same.
+  * dropout with ``broadcast_dropout=True`` shares one [T, S] keep-mask over batch and
+    heads, as in Flax, but the random draws differ from Flax's.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def flax_attention_fn(
     dtype are sown as ``attention_weights``. ``implementation`` and ``logits_soft_cap`` are
     passed to the core. Returns ``[*B, T, N, Hv]``.
     """
-    del broadcast_dropout, precision  # see the module docstring
+    del precision  # see the module docstring
     dtype = dtype or jnp.result_type(query, key, value)
     query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
     if mask is not None and jnp.result_type(mask) != jnp.bool_:
@@ -76,6 +75,7 @@ def flax_attention_fn(
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate if dropping else 0.0,
         dropout_rng=dropout_rng if dropping else None,
+        broadcast_dropout=broadcast_dropout,
         return_weights=module is not None,
     )
     if module is None:

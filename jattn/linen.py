@@ -180,7 +180,7 @@ class MultiHeadAttention(nn.Module):
         x = flax_attention_fn(
             query, key, value, mask=mask,
             dropout_rng=dropout_rng, dropout_rate=self.dropout_rate, deterministic=deterministic,
-            dtype=self.dtype, module=self if sow_weights else None, is_causal=is_causal,
+            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype, module=self if sow_weights else None, is_causal=is_causal,
             implementation=self.implementation, logits_soft_cap=self.logits_soft_cap,
         )  # [*B, T, N, H]
         return nn.DenseGeneral(  # [*B, T, N, H] -> [*B, T, F_out]

@@ -32,6 +32,7 @@ class Config(NamedTuple):
     window: tuple[int, int] | None
     logits_soft_cap: float | None
     dropout_rate: float
+    broadcast_dropout: bool  # one [T, S] keep-mask shared by every batch row and head
     block_sizes: tuple[int, int] | None  # (block_q, block_kv) for 'chunked'; None = default
 
 
@@ -128,8 +129,9 @@ def _run(config: Config, arrays: Arrays, dropout_rng):
     if config.dropout_rate > 0 and dropout_rng is not None:
         B, T, K, G, _ = arrays.query.shape
         S = arrays.key.shape[1]
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - config.dropout_rate, (B, K, G, T, S))
-        keep = keep.astype(jnp.float32) / (1.0 - config.dropout_rate)  # [B, K, G, T, S]
+        shape = (1, 1, 1, T, S) if config.broadcast_dropout else (B, K, G, T, S)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - config.dropout_rate, shape)
+        keep = jnp.broadcast_to(keep.astype(jnp.float32) / (1.0 - config.dropout_rate), (B, K, G, T, S))
         arrays = arrays._replace(keep=keep)
     if config.implementation in _CALL_FNS:
         out, lse = _CALL_FNS[config.implementation](config, arrays)
@@ -186,6 +188,7 @@ def dot_product_attention(
     logits_soft_cap: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng=None,
+    broadcast_dropout: bool = False,
     return_weights: bool = False,
     block_sizes: tuple[int, int] | None = None,
 ):
@@ -206,6 +209,8 @@ def dot_product_attention(
         to keys of its own segment (packed sequences). Give both or neither.
       logits_soft_cap: ``c`` replaces the scaled scores by ``c·tanh(scores/c)`` (before bias).
       dropout_rate, dropout_rng: dropout on the attention weights; active only if both given.
+      broadcast_dropout: one keep-mask ``[T, S]`` shared by all batch rows and heads (Flax's
+        ``broadcast_dropout=True``); by default every (batch, head) draws its own.
       return_weights: also return the (pre-dropout) weights ``[*B, N, T, S]``, in fp32.
       block_sizes: ``(block_q, block_kv)`` for ``implementation='chunked'``.
 
@@ -295,6 +300,7 @@ def dot_product_attention(
         window=window,
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate,
+        broadcast_dropout=bool(broadcast_dropout),
         block_sizes=block_sizes,
     )
     chosen = dispatch.resolve(implementation, config, arrays, return_weights=return_weights)

@@ -162,6 +162,11 @@ def test_dropout_keeps_or_drops_each_weight_with_the_right_scale():
     other = jattn.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(8))
     np.testing.assert_array_equal(out, again)
     assert not np.allclose(out, other)
+    shared = jattn.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=key, broadcast_dropout=True)
+    shared_keep = np.asarray(shared) / np.transpose(np.asarray(w), (0, 2, 1, 3))  # [B, T, N, S]
+    assert np.all(np.isclose(shared_keep, 0.0, atol=1e-5) | np.isclose(shared_keep, 1 / (1 - rate), rtol=1e-4))
+    np.testing.assert_allclose(shared_keep, np.broadcast_to(shared_keep[:1, :, :1], shared_keep.shape), atol=1e-4)
+    assert not np.allclose(keep, np.broadcast_to(keep[:1, :, :1], keep.shape), atol=1e-4)  # default: per (b, n)
     off = jattn.dot_product_attention(q, k, v, dropout_rate=rate)  # no rng: dropout is off
     np.testing.assert_allclose(off, jattn.dot_product_attention(q, k, v), atol=0)
 
