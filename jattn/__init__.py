@@ -9,9 +9,17 @@ from jattn.ring import ring_attention
 from jattn.sequence_parallel import sequence_parallel_attention, sequence_parallel_attention_fn
 from jattn.rope import apply_rope
 
-__all__ = ["attention", "dot_product_attention", "explain_implementation", "masks"]
-__all__ += ["apply_rope", "flax_attention_fn"]
-__all__ += ["ring_attention", "sequence_parallel_attention", "sequence_parallel_attention_fn"]
+__all__ = [
+    "apply_rope",
+    "attention",
+    "dot_product_attention",
+    "explain_implementation",
+    "flax_attention_fn",
+    "masks",
+    "ring_attention",
+    "sequence_parallel_attention",
+    "sequence_parallel_attention_fn",
+]
 __version__ = "0.1.0"
 
 
