@@ -124,8 +124,9 @@ def _lift(config: Config, a: Arrays):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _run(config: Config, arrays: Arrays, dropout_rng):
+@functools.partial(jax.jit, static_argnames=("config", "return_weights"))
+def _run(config: Config, arrays: Arrays, dropout_rng, return_weights: bool):
+    """(out, lse, weights or None): the weights leave the program only when asked for."""
     if config.dropout_rate > 0 and dropout_rng is not None:
         B, T, K, G, _ = arrays.query.shape
         S = arrays.key.shape[1]
@@ -137,7 +138,7 @@ def _run(config: Config, arrays: Arrays, dropout_rng):
         out, lse = _CALL_FNS[config.implementation](config, arrays)
         return out, lse, None
     out, weights, lse = _lift(config, arrays)
-    return out, lse, weights
+    return out, lse, weights if return_weights else None
 
 
 def _split_heads(x, name: str, batch_shape, N: int, K: int, T: int, S: int):
@@ -304,7 +305,7 @@ def dot_product_attention(
         block_sizes=block_sizes,
     )
     chosen = dispatch.resolve(implementation, config, arrays, return_weights=return_weights)
-    out, lse, weights = _run(config._replace(implementation=chosen), arrays, dropout_rng)
+    out, lse, weights = _run(config._replace(implementation=chosen), arrays, dropout_rng, return_weights)
     out = jnp.reshape(out, batch_shape + (T, N, v_shape[-1]))  # [*B, T, N, Hv]
     extras = []
     if return_residual:
