@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import _checks, masks
+from jattn.rope import apply_rope
 
 
 def input_shape(shape, features: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -111,3 +112,54 @@ def step(cached_key, cached_value, cache_index, key, value, lengths=None, *, is_
         positions=jnp.reshape(pos, tuple(batch) + (T,)),  # [*B, T]
         mask=jnp.reshape(visible, tuple(batch) + (1, T, L)),  # [*B, 1, T, L]
     )
+
+
+# ----------------------------------------------------------------------------------------
+# What both modules do around the cache.
+# ----------------------------------------------------------------------------------------
+
+
+def module_inputs(inputs_q, inputs_k, inputs_v, features: tuple[int, int] | None = None):
+    """Flax's defaults (``inputs_k = inputs_q``, ``inputs_v = inputs_k``) and rank checks.
+
+    ``features = (F_q, F_kv)`` also checks the last dims. Returns the three arrays.
+    """
+    if inputs_k is None:
+        if inputs_v is not None:
+            raise ValueError("inputs_k: expected an array when inputs_v is given, got None")
+        inputs_k = inputs_q
+    if inputs_v is None:
+        inputs_v = inputs_k
+    wanted = (None, None, None) if features is None else (features[0], features[1], features[1])
+    for name, x, f in zip(("inputs_q", "inputs_k", "inputs_v"), (inputs_q, inputs_k, inputs_v), wanted):
+        shape = _checks.rank(name, x, tuple(range(2, 64)), "[*B, length, features]")
+        if f is not None and shape[-1] != f:
+            raise ValueError(f"{name}: expected {f} features (last dim), got shape {shape}")
+    return inputs_q, inputs_k, inputs_v
+
+
+def rope_full_pass(query, key, positions, kv_positions, rope_base):
+    """RoPE on a full (non-decode) pass: positions default to ``0..T-1`` / ``0..S-1``."""
+    if rope_base is None:
+        return query, key
+    T, S = query.shape[-3], key.shape[-3]
+    query = apply_rope(query, jnp.arange(T) if positions is None else positions, rope_base)
+    key = apply_rope(key, jnp.arange(S) if kv_positions is None else kv_positions, rope_base)
+    return query, key
+
+
+def decode(cached_key, cached_value, cache_index, query, key, value, mask, lengths, *,
+           is_causal: bool, rope_base, rope_positions=None, rope_kv_positions=None):
+    """One decode call: checks, RoPE at the cache positions, the cache write, the mask.
+
+    Returns ``(query, step, mask)``: attend ``query`` over ``step.key/step.value`` with
+    ``mask`` (the step's cache-aligned mask, AND the caller's) and ``is_causal=False``.
+    """
+    check_step(cached_key, cache_index, key.shape, query.shape[-3], lengths)
+    if rope_base is not None:
+        pos = positions(cache_index, query.shape[-3])  # [*B, T]
+        query = apply_rope(query, pos if rope_positions is None else rope_positions, rope_base)
+        key = apply_rope(key, pos if rope_kv_positions is None else rope_kv_positions, rope_base)
+    new = step(cached_key, cached_value, cache_index, key, value, lengths, is_causal=is_causal)
+    merged = new.mask if mask is None else jnp.logical_and(new.mask, jnp.asarray(mask) != 0)
+    return query, new, merged

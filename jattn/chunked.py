@@ -205,7 +205,7 @@ def _flash_fwd(st: _Static, a: _Inputs):
 def _flash_bwd(st: _Static, res, cotangents):
     a, out, lse = res
     d_out, d_lse = cotangents  # [Tp, d_v], [Tp]
-    nq, nk = a.q.shape[0] // st.bq, a.k.shape[0] // st.bk
+    nk = a.k.shape[0] // st.bk
     # lse = log Σ exp(logits) adds P ∘ d_lse to dlogits: fold it into delta.
     delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp]
 

@@ -25,7 +25,6 @@ from flax.linen.module import merge_param
 
 from jattn import _checks, _kv_cache
 from jattn.flax_attention_fn import flax_attention_fn
-from jattn.rope import apply_rope
 
 
 class MultiHeadAttention(nn.Module):
@@ -112,14 +111,7 @@ class MultiHeadAttention(nn.Module):
         ``lengths [*B]`` (valid new tokens per row, right padding), as in
         ``jattn.nnx.MultiHeadAttention``. ``positions``/``kv_positions``: RoPE positions.
         """
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("inputs_k: expected an array when inputs_v is given, got None")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
-        for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
-            _checks.rank(name, x, tuple(range(2, 64)), "[*B, length, features]")
+        inputs_q, inputs_k, inputs_v = _kv_cache.module_inputs(inputs_q, inputs_k, inputs_v)
         N, K, H = self._heads(inputs_q.shape[-1])
         decode = self.decode if decode is None else decode
         if lengths is not None and not decode:
@@ -141,23 +133,17 @@ class MultiHeadAttention(nn.Module):
             query = norm("query_ln")(query)
             key = norm("key_ln")(key)
 
-        T, S = query.shape[-3], key.shape[-3]
         if decode and self.has_variable("cache", "cached_key"):
             cached_key = self.variable("cache", "cached_key")
             cached_value = self.variable("cache", "cached_value")
             cache_index = self.variable("cache", "cache_index")
-            _kv_cache.check_step(cached_key.value, cache_index.value, key.shape, T, lengths)
-            pos = _kv_cache.positions(cache_index.value, T)  # [*B, T]
-            if self.rope_base is not None:
-                query = apply_rope(query, pos if positions is None else positions, self.rope_base)
-                key = apply_rope(key, pos if kv_positions is None else kv_positions, self.rope_base)
-            step = _kv_cache.step(
-                cached_key.value, cached_value.value, cache_index.value, key, value, lengths,
-                is_causal=is_causal,
+            query, step, mask = _kv_cache.decode(
+                cached_key.value, cached_value.value, cache_index.value, query, key, value, mask,
+                lengths, is_causal=is_causal, rope_base=self.rope_base,
+                rope_positions=positions, rope_kv_positions=kv_positions,
             )
             cached_key.value, cached_value.value, cache_index.value = step.key, step.value, step.index
             key, value = step.key, step.value  # [*B, L, K, H]
-            mask = step.mask if mask is None else jnp.logical_and(step.mask, jnp.asarray(mask) != 0)
             is_causal = False  # the step mask holds the cache-aligned causal structure
         else:
             if decode and not self.is_initializing():
@@ -167,9 +153,7 @@ class MultiHeadAttention(nn.Module):
                 )
             if decode:  # Flax's pattern: init with full-length inputs allocates the cache
                 self.init_cache(inputs_k.shape[:-1] + inputs_q.shape[-1:], key.dtype)
-            if self.rope_base is not None:
-                query = apply_rope(query, jnp.arange(T) if positions is None else positions, self.rope_base)
-                key = apply_rope(key, jnp.arange(S) if kv_positions is None else kv_positions, self.rope_base)
+            query, key = _kv_cache.rope_full_pass(query, key, positions, kv_positions, self.rope_base)
 
         if self.dropout_rate > 0.0:
             deterministic = merge_param("deterministic", self.deterministic, deterministic)
@@ -180,7 +164,8 @@ class MultiHeadAttention(nn.Module):
         x = flax_attention_fn(
             query, key, value, mask=mask,
             dropout_rng=dropout_rng, dropout_rate=self.dropout_rate, deterministic=deterministic,
-            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype, module=self if sow_weights else None, is_causal=is_causal,
+            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype,
+            module=self if sow_weights else None, is_causal=is_causal,
             implementation=self.implementation, logits_soft_cap=self.logits_soft_cap,
         )  # [*B, T, N, H]
         return nn.DenseGeneral(  # [*B, T, N, H] -> [*B, T, F_out]

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
@@ -27,7 +26,6 @@ from flax.nnx.nn.linear import default_kernel_init
 
 from jattn import _checks, _kv_cache
 from jattn.flax_attention_fn import flax_attention_fn
-from jattn.rope import apply_rope
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -220,18 +218,9 @@ class MultiHeadAttention(nnx.Module):
 
         ``positions [*B, T]`` / ``kv_positions [*B, S]``: RoPE positions (with ``rope_base``).
         """
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("inputs_k: expected an array when inputs_v is given, got None")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
-        for name, x, f in (("inputs_q", inputs_q, self.in_features),
-                           ("inputs_k", inputs_k, self.in_kv_features),
-                           ("inputs_v", inputs_v, self.in_kv_features)):
-            shape = _checks.rank(name, x, tuple(range(2, 64)), "[*B, length, features]")
-            if shape[-1] != f:
-                raise ValueError(f"{name}: expected {f} features (last dim), got shape {shape}")
+        inputs_q, inputs_k, inputs_v = _kv_cache.module_inputs(
+            inputs_q, inputs_k, inputs_v, (self.in_features, self.in_kv_features)
+        )
         decode = bool(decode if decode is not None else self.decode)
         if lengths is not None and not decode:
             raise ValueError("lengths: only used with decode=True (use mask otherwise), got an array")
@@ -246,25 +235,18 @@ class MultiHeadAttention(nnx.Module):
         if decode:
             if self.cached_key is None:
                 raise ValueError("decode: the KV cache is not initialised; call init_cache(input_shape, dtype) first")
-            _kv_cache.check_step(self.cached_key, self.cache_index[...], key.shape, query.shape[-3], lengths)
-            pos = _kv_cache.positions(self.cache_index[...], query.shape[-3])  # [*B, T]
-            if self.rope_base is not None:
-                query = apply_rope(query, pos if positions is None else positions, self.rope_base)
-                key = apply_rope(key, pos if kv_positions is None else kv_positions, self.rope_base)
-            step = _kv_cache.step(
-                self.cached_key[...], self.cached_value[...], self.cache_index[...], key, value,
-                lengths, is_causal=is_causal,
+            query, step, mask = _kv_cache.decode(
+                self.cached_key[...], self.cached_value[...], self.cache_index[...], query, key, value,
+                mask, lengths, is_causal=is_causal, rope_base=self.rope_base,
+                rope_positions=positions, rope_kv_positions=kv_positions,
             )
             self.cached_key[...] = step.key
             self.cached_value[...] = step.value
             self.cache_index[...] = step.index
             key, value = step.key, step.value  # [*B, L, K, H]
-            mask = step.mask if mask is None else jnp.logical_and(step.mask, jnp.asarray(mask) != 0)
             is_causal = False  # the step mask holds the cache-aligned causal structure
-        elif self.rope_base is not None:
-            T, S = query.shape[-3], key.shape[-3]
-            query = apply_rope(query, jnp.arange(T) if positions is None else positions, self.rope_base)
-            key = apply_rope(key, jnp.arange(S) if kv_positions is None else kv_positions, self.rope_base)
+        else:
+            query, key = _kv_cache.rope_full_pass(query, key, positions, kv_positions, self.rope_base)
 
         dropout_rng = self._dropout_rng(deterministic, rngs)
         x = self.attention_fn(
