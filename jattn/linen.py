@@ -17,6 +17,8 @@ with ``model.init(key, (B, L, F), method=model.init_cache)``; then
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax.numpy as jnp
 from flax.linen import initializers
@@ -33,8 +35,10 @@ class MultiHeadAttention(nn.Module):
     Attributes as in ``flax.linen.MultiHeadDotProductAttention`` (``num_heads, dtype,
     param_dtype, qkv_features, out_features, broadcast_dropout, dropout_rate, deterministic,
     precision, kernel_init, out_kernel_init, bias_init, out_bias_init, use_bias, decode,
-    normalize_qk``), except ``attention_fn`` (jattn is the attention), ``force_fp32_for_softmax``
-    (jattn's softmax is always fp32) and the deprecated dot_general/einsum hooks.
+    normalize_qk, attention_fn``), except ``force_fp32_for_softmax`` (jattn's softmax is always
+    fp32) and the deprecated dot_general/einsum hooks. ``attention_fn`` defaults to
+    ``jattn.flax_attention_fn`` and is called as Flax calls it, plus ``implementation=`` and
+    ``logits_soft_cap=``.
 
     Extras: ``num_kv_heads`` (GQA/MQA), ``implementation`` and ``logits_soft_cap`` (passed to
     ``jattn.dot_product_attention``), ``rope_base`` (rotary embedding of the projected queries
@@ -57,6 +61,7 @@ class MultiHeadAttention(nn.Module):
     use_bias: bool = True
     decode: bool = False
     normalize_qk: bool = False
+    attention_fn: Callable = flax_attention_fn
     num_kv_heads: int | None = None
     implementation: str | None = None
     logits_soft_cap: float | None = None
@@ -161,7 +166,7 @@ class MultiHeadAttention(nn.Module):
                 dropout_rng = self.make_rng("dropout")
         else:
             deterministic = True
-        x = flax_attention_fn(
+        x = self.attention_fn(
             query, key, value, mask=mask,
             dropout_rng=dropout_rng, dropout_rate=self.dropout_rate, deterministic=deterministic,
             broadcast_dropout=self.broadcast_dropout, dtype=self.dtype,

@@ -238,3 +238,21 @@ def test_errors():
         MultiHeadAttention(3, qkv_features=8).init(KEY, jnp.zeros((1, 2, 6)))
     with pytest.raises(ValueError, match="lengths"):
         MultiHeadAttention(2).init(KEY, jnp.zeros((1, 2, 6)), lengths=jnp.array([1]))
+
+
+def test_attention_fn_is_called_like_flax_and_defaults_to_jattn():
+    import jattn
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(sorted(kwargs))
+        return jattn.flax_attention_fn(*args, **kwargs)
+
+    x = normal(2, 5, 8)
+    default, custom = MultiHeadAttention(num_heads=2), MultiHeadAttention(num_heads=2, attention_fn=recording)
+    params = flax_params(default, x)
+    np.testing.assert_allclose(
+        custom.apply({"params": params}, x, is_causal=True), default.apply({"params": params}, x, is_causal=True), **TOL
+    )
+    assert calls and {"mask", "dropout_rng", "is_causal", "implementation", "logits_soft_cap"} <= set(calls[0])
