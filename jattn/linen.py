@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import flax.linen as nn
+try:
+    import flax.linen as nn
+except ModuleNotFoundError as err:  # Flax is the `flax` extra, not a core dependency
+    raise ModuleNotFoundError(f"jattn.linen needs Flax: pip install 'jattn[flax]' ({err})") from err
 import jax.numpy as jnp
 from flax.linen import initializers
 from flax.linen.linear import default_kernel_init

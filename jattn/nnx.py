@@ -20,7 +20,12 @@ from types import MappingProxyType
 from typing import Any
 
 import jax.numpy as jnp
-from flax import nnx
+
+try:
+    from flax import nnx
+except ModuleNotFoundError as err:  # Flax is the `flax` extra, not a core dependency
+    raise ModuleNotFoundError(f"jattn.nnx needs Flax: pip install 'jattn[flax]' ({err})") from err
+
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 

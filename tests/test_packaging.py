@@ -1,0 +1,130 @@
+"""Packaging: what importing jattn pulls in, import cycles, one version string, the wheel.
+
+Every module of the library (everything under ``jattn/`` except the toy trainer) is imported
+ALONE in a fresh interpreter: a cycle between two modules fails there even when importing the
+package in the usual order hides it. Modules are discovered from the source tree, so new ones
+are covered without editing this file.
+"""
+
+import email
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import jattn
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The toy trainer's dependencies (the `toy` extra): the library must never import them.
+TRAINER_ONLY = ("optax", "orbax", "matplotlib", "tqdm", "ml_collections", "absl")
+
+_PROBE = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+top = sorted({m.split(".")[0] for m in sys.modules})
+print(json.dumps(top))
+"""
+
+
+def _library_modules() -> list[str]:
+    names = []
+    for path in sorted((ROOT / "jattn").glob("*.py")):
+        names.append("jattn" if path.stem == "__init__" else f"jattn.{path.stem}")
+    return names
+
+
+def _top_level_imports(*modules: str) -> set[str]:
+    """Top-level package names in ``sys.modules`` after importing ``modules`` in a fresh process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *modules], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, f"importing {modules} alone failed:\n{proc.stderr[-3000:]}"
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def flax_baseline() -> set[str]:
+    """What Flax's own module systems import (Flax itself requires optax and absl)."""
+    return _top_level_imports("flax.nnx", "flax.linen")
+
+
+def test_library_module_list_is_complete():
+    modules = _library_modules()
+    for expected in ("jattn", "jattn.nnx", "jattn.linen", "jattn.multihead", "jattn.dispatch"):
+        assert expected in modules
+    assert not any(m.startswith("jattn.toy") for m in modules)
+
+
+@pytest.mark.parametrize("module", _library_modules())
+def test_module_imports_alone_without_trainer_dependencies(module, flax_baseline):
+    imported = _top_level_imports(module)
+    assert "jattn" in imported
+    if module in ("jattn.nnx", "jattn.linen"):
+        assert "flax" in imported
+        extra = {m for m in TRAINER_ONLY if m in imported} - flax_baseline
+        assert not extra, f"{module} imports {sorted(extra)} beyond what Flax itself imports"
+    else:
+        # The attention library needs JAX only: no trainer dependency and no Flax.
+        unwanted = sorted(m for m in TRAINER_ONLY + ("flax",) if m in imported)
+        assert not unwanted, f"{module} imports {unwanted}"
+
+
+def test_flax_modules_without_flax_name_the_extra():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    code = "import sys; sys.modules['flax'] = None\nimport jattn.nnx"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "pip install 'jattn[flax]'" in proc.stderr
+
+
+def test_one_version_string():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject
+    assert 'version = { attr = "jattn.__version__" }' in pyproject
+    assert isinstance(jattn.__version__, str) and jattn.__version__.count(".") == 2
+    assert (ROOT / "jattn" / "py.typed").exists()
+
+
+def test_ci_runs_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && python -m pytest -n 2"
+    assert command in readme
+    assert "pip install -e '.[toy]' && python train_toy.py" in readme
+    assert f"#   {command}" in ci
+    for step in ("python3 -m venv .venv", ". .venv/bin/activate", "pip install -e '.[test]'", "python -m pytest -n 2"):
+        assert step in ci.split("set -euo pipefail", 1)[1], step
+
+
+def test_wheel_builds_with_py_typed_and_lean_requirements(tmp_path):
+    """``pip wheel`` on a copy of the source (the worktree stays clean for parallel tests)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "jattn", src / "jattn", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "dist"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (wheel,) = out.glob("jattn-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = email.message_from_bytes(zf.read(meta_name))
+    assert "jattn/py.typed" in names
+    assert {"jattn/__init__.py", "jattn/multihead.py", "jattn/nnx.py", "jattn/toy/train.py"} <= names
+    assert meta["Version"] == jattn.__version__
+    required = [r for r in meta.get_all("Requires-Dist") if "extra ==" not in r]
+    assert sorted(r.split(">")[0].split("=")[0].strip() for r in required) == ["jax", "jaxlib"]
+    extras = set(meta.get_all("Provides-Extra"))
+    assert {"flax", "toy", "test"} <= extras
