@@ -2,15 +2,25 @@
 
 Shape glossary: B batch, P devices on the ring axis, T / S global query / key length,
 Tl = T/P and Sl = S/P the local (per-device) lengths, N query heads, K key/value heads,
-G = N/K query heads per kv head, H query/key head dim, Hv value head dim, c = Tl/2 (zig-zag).
+G = N/K query heads per kv head, H query/key head dim, Hv value head dim, c = Tl/2 (zig-zag),
+bq / bk the query / key rows of a tile.
 
 Call ``ring_attention`` inside ``jax.shard_map`` with the sequence axis of query, key and value
 sharded over ``axis_name``. Device ``i`` keeps its query block and its key/value block; the
 key/value blocks travel around the ring with ``lax.ppermute`` (device i sends to i+1), so at
-step ``s`` device ``i`` holds the block of device ``(i - s) mod P`` and folds it into its
-online softmax (``blockwise.forward_block``). Only K kv heads travel, never N. The backward
-pass (custom VJP) recomputes each tile with ``blockwise.backward_block`` and sends the dK/dV
-accumulators around the ring with their blocks; after P hops they are back with their owner.
+step ``s`` device ``i`` holds the block of device ``(i - s) mod P``. Each step is the
+``'chunked'`` algorithm on the pair (local queries, visiting block): a loop over [bq, bk] tiles
+folded into the online softmax (``blockwise.forward_block``), so per-device memory is linear
+in Tl: no [Tl, Sl] array exists. Only K kv heads travel, never N. The backward pass (custom
+VJP) recomputes each tile with ``blockwise.backward_block`` and sends the dK/dV accumulators
+with their blocks; at the end they go home in one hop.
+
+Skipping: a tile (and a whole step) that no query can see under the causal mask, the local
+window, the lengths or the segment ids (disjoint id ranges) is not computed (``lax.switch``
+on an unbatched predicate); a tile entirely inside the causal/window bounds is computed
+without evaluating them. With a local window the schedule itself is shortened (``_hops``):
+blocks travel only as far as some query can see, in one or both directions, so a window of
+W costs about W/Tl steps and transfers each way instead of P - 1.
 
 Layouts (where global sequence rows live):
 
@@ -18,9 +28,9 @@ Layouts (where global sequence rows live):
   has work at i+1 of the P steps: the last device works P times as long as the first.
 - ``'zigzag'``: the sequence is cut into 2P chunks of c rows; device i holds chunk i followed
   by chunk 2P-1-i. Under a causal mask every device does the same work at every step: the
-  diagonal step is a causal tile, every other step is exactly half a tile (all queries
+  diagonal step is a causal block, every other step is exactly half a block (all queries
   against the first key half when the key block comes from a lower device, the second query
-  half against all keys otherwise); fully hidden tiles are skipped with ``lax.switch``.
+  half against all keys otherwise); the hidden tiles are skipped.
 
 What the caller does for ``'zigzag'``: permute every per-position array (tokens, embeddings,
 targets, segment ids, position ids) with ``to_layout(x, P, 'zigzag')`` BEFORE sharding, keep
@@ -40,7 +50,8 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _checks, blockwise
-from jattn.masks import causal, combine_masks, padding, same_segment
+from jattn.chunked import DEFAULT_BLOCK_KV
+from jattn.masks import causal, combine_masks, local_window, padding, same_segment
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -150,7 +161,7 @@ def check_arrays(query, key, value, bias, mask, q_lengths, kv_lengths, q_segment
 
 
 # ----------------------------------------------------------------------------------------
-# One ring step: the tile between the local queries and the key/value block that is here.
+# Which blocks can see each other: static (schedule) and traced (per tile) versions.
 # ----------------------------------------------------------------------------------------
 
 
@@ -161,6 +172,53 @@ class _Static(NamedTuple):
     cap: float | None
     is_causal: bool
     layout: str
+    window: tuple[int, int] | None  # (left, right) around the diagonal
+    bq: int  # query rows of a tile
+    bk: int  # key rows of a tile
+    hops: tuple[int, int]  # blocks fetched from lower devices, from higher devices
+
+
+def _offset_bounds(is_causal: bool, window):
+    """(lo, hi): key position - query position must lie in [lo, hi]; None = unbounded."""
+    lo = None if window is None else -window[0]
+    hi = None if window is None else window[1]
+    if is_causal:
+        hi = 0 if hi is None else min(hi, 0)
+    return lo, hi
+
+
+def _chunks(layout: str, device: int, local_len: int, num_devices: int):
+    """The runs of consecutive original positions that ``device`` holds, as (first, last)."""
+    if layout == "contiguous":
+        return [(device * local_len, (device + 1) * local_len - 1)]
+    c = local_len // 2
+    return [(device * c, (device + 1) * c - 1), ((2 * num_devices - 1 - device) * c, (2 * num_devices - device) * c - 1)]
+
+
+def _hops(is_causal: bool, window, layout: str, P: int, Tl: int, Sl: int) -> tuple[int, int]:
+    """(forward, backward): how far blocks travel each way so that every visible pair meets.
+
+    Block offset d (device i works on the block of device i - d) is needed when some query
+    run and key run have a pair within the offset bounds. Forward hops cover offsets 1..f,
+    backward hops offsets P-b..P-1; the pair (f, b) with the fewest hops wins, so a window of
+    W needs about W/Tl blocks each way instead of P - 1.
+    """
+    lo, hi = _offset_bounds(is_causal, window)
+
+    def may_see(me, src):
+        return any(
+            (hi is None or k0 - q1 <= hi) and (lo is None or k1 - q0 >= lo)
+            for q0, q1 in _chunks(layout, me, Tl, P)
+            for k0, k1 in _chunks(layout, src, Sl, P)
+        )
+
+    needed = [d for d in range(1, P) if any(may_see(me, (me - d) % P) for me in range(P))]
+    best = (P - 1, 0)
+    for f in range(P - 1):
+        b = max((P - d for d in needed if d > f), default=0)
+        if f + b < sum(best):
+            best = (f, b)
+    return best
 
 
 class _Queries(NamedTuple):
@@ -180,47 +238,63 @@ class _Block(NamedTuple):
     kv_seg: jax.Array | None  # [B, Sl]
 
 
-# A region of a tile: (query rows, key rows, needs the causal mask). Rows are static slices.
-_ALL = slice(None)
+class _Tile(NamedTuple):
+    """Original positions and segment ids of a tile's query rows and key rows."""
+
+    q_pos: jax.Array  # [tq]
+    k_pos: jax.Array  # [tk]
+    q_seg: jax.Array | None  # [B, tq]
+    kv_seg: jax.Array | None  # [B, tk]
 
 
-def _regions(st: _Static, Tl: int):
-    """The tile regions to compute, indexed by the step's case (see ``_case``); None = skip."""
-    if not st.is_causal:
-        return [(_ALL, _ALL, False)]
-    if st.layout == "contiguous":
-        # diagonal block, block from a lower device (all visible), from a higher one (hidden).
-        return [(_ALL, _ALL, True), (_ALL, _ALL, False), None]
-    c = Tl // 2
-    # diagonal; lower device: its first chunk precedes both of ours, its second follows both;
-    # higher device: both its chunks precede our second chunk and follow our first.
-    return [(_ALL, _ALL, True), (_ALL, slice(0, c), False), (slice(c, None), _ALL, False)]
+def _tile_kind(st: _Static, qs: _Queries, t: _Tile):
+    """0: nothing visible (skip), 1: compute with the causal/window mask, 2: compute, every
+    pair inside the causal/window bounds. An unbatched scalar (reduced over the batch), so
+    ``lax.switch`` on it really skips. Conservative: a tile kind 1/2 may still be all hidden.
+    """
+    lo, hi = _offset_bounds(st.is_causal, st.window)
+    d_min = jnp.min(t.k_pos) - jnp.max(t.q_pos)
+    d_max = jnp.max(t.k_pos) - jnp.min(t.q_pos)
+    some, full = jnp.bool_(True), jnp.bool_(True)
+    if hi is not None:
+        some, full = some & (d_min <= hi), full & (d_max <= hi)
+    if lo is not None:
+        some, full = some & (d_max >= lo), full & (d_min >= lo)
+    if qs.q_len is not None:
+        some = some & (jnp.min(t.q_pos) < jnp.max(qs.q_len))
+    if qs.kv_len is not None:
+        some = some & (jnp.min(t.k_pos) < jnp.max(qs.kv_len))
+    if t.q_seg is not None:  # segment id ranges that overlap in some example
+        overlap = (jnp.min(t.q_seg, 1) <= jnp.max(t.kv_seg, 1)) & (jnp.max(t.q_seg, 1) >= jnp.min(t.kv_seg, 1))
+        some = some & jnp.any(overlap)
+    return jnp.where(some, jnp.where(full, 2, 1), 0)
 
 
-def _case(st: _Static, me, src):
-    """Index into ``_regions``: 0 on the diagonal, 1 for a lower source device, 2 for higher."""
-    if not st.is_causal:
-        return 0
-    return jnp.where(src == me, 0, jnp.where(src < me, 1, 2))
-
-
-def _tile_mask(st: _Static, qs: _Queries, blk: _Block, me, src, rows, cols, use_causal):
-    """[B, tq, tk] bool visibility of a region, or None when everything is visible."""
-    B, Tl = qs.q.shape[:2]
-    Sl = blk.k.shape[1]
-    q_pos = _local_positions(st.layout, me, Tl, st.num_devices)[rows]  # [tq]
-    k_pos = _local_positions(st.layout, src, Sl, st.num_devices)[cols]  # [tk]
+def _tile_mask(st: _Static, qs: _Queries, t: _Tile, structural: bool):
+    """[B, tq, tk] bool visibility of a tile, or None when everything is visible."""
+    B = qs.q.shape[0]
+    q_pos, k_pos = t.q_pos[:, None], t.k_pos[None, :]  # [tq, 1], [1, tk]
     parts = []
-    if use_causal:
-        parts.append(causal(q_pos[:, None], k_pos[None, :]))  # [tq, tk]
+    if structural and st.is_causal:
+        parts.append(causal(q_pos, k_pos))  # [tq, tk]
+    if structural and st.window is not None:
+        parts.append(local_window(q_pos, k_pos, st.window))  # [tq, tk]
     if qs.q_len is not None or qs.kv_len is not None:
         q_len = None if qs.q_len is None else qs.q_len[:, None, None]  # [B, 1, 1]
         kv_len = None if qs.kv_len is None else qs.kv_len[:, None, None]  # [B, 1, 1]
-        parts.append(padding(q_pos[None, :, None], k_pos[None, None, :], q_len, kv_len))  # [B, tq, tk]
-    if qs.q_seg is not None:
-        parts.append(jax.vmap(same_segment)(qs.q_seg[:, rows], blk.kv_seg[:, cols]))  # [B, tq, tk]
+        parts.append(padding(q_pos[None], k_pos[None], q_len, kv_len))  # [B, tq, tk]
+    if t.q_seg is not None:
+        parts.append(jax.vmap(same_segment)(t.q_seg, t.kv_seg))  # [B, tq, tk]
     mask = combine_masks(*parts)
-    return None if mask is None else jnp.broadcast_to(mask, (B, q_pos.shape[0], k_pos.shape[0]))
+    return None if mask is None else jnp.broadcast_to(mask, (B,) + mask.shape[-2:])
+
+
+def _switch(st: _Static, kind, compute, state):
+    """Skip (kind 0) or ``compute(state, structural)`` (kind 1: masked, 2: inside the bounds)."""
+    if _offset_bounds(st.is_causal, st.window) == (None, None):
+        return jax.lax.cond(kind > 0, lambda s: compute(s, False), lambda s: s, state)
+    branches = [lambda s: s, lambda s: compute(s, True), lambda s: compute(s, False)]
+    return jax.lax.switch(kind, branches, state)
 
 
 def _over_heads(fn, n_q_like: int, n_kv_like: int, sum_kv_outputs: bool):
@@ -244,69 +318,154 @@ def _over_heads(fn, n_q_like: int, n_kv_like: int, sum_kv_outputs: bool):
     return jax.vmap(over_k, in_axes=0, out_axes=0)
 
 
-def _forward_region(st: _Static, carry, qs: _Queries, blk: _Block, me, src, region):
-    rows, cols, use_causal = region
-    mask = _tile_mask(st, qs, blk, me, src, rows, cols, use_causal)
+def _rows(x, i, size: int):
+    """Rows ``[i·size, (i+1)·size)`` of axis 1 (the sequence) of ``x``; None stays None."""
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
+
+
+def _put_rows(x, rows, i, size: int):
+    return jax.lax.dynamic_update_slice_in_dim(x, rows, i * size, axis=1)
+
+
+# ----------------------------------------------------------------------------------------
+# One ring step: every tile between the local queries and the key/value block that is here.
+# ----------------------------------------------------------------------------------------
+
+
+class _Positions(NamedTuple):
+    q: jax.Array  # [Tl] original positions of the local query rows
+    k: jax.Array  # [Sl] original positions of the key rows of the block that is here
+
+
+def _positions(st: _Static, qs: _Queries, blk: _Block, me, src) -> _Positions:
+    return _Positions(
+        _local_positions(st.layout, me, qs.q.shape[1], st.num_devices),
+        _local_positions(st.layout, src, blk.k.shape[1], st.num_devices),
+    )
+
+
+def _whole_block(qs: _Queries, blk: _Block, pos: _Positions) -> _Tile:
+    return _Tile(pos.q, pos.k, qs.q_seg, blk.kv_seg)
+
+
+def _tile(st: _Static, qs: _Queries, blk: _Block, pos: _Positions, i, j) -> _Tile:
+    """Query tile ``i`` against key tile ``j``."""
+    return _Tile(
+        jax.lax.dynamic_slice_in_dim(pos.q, i * st.bq, st.bq),  # [bq]
+        jax.lax.dynamic_slice_in_dim(pos.k, j * st.bk, st.bk),  # [bk]
+        _rows(qs.q_seg, i, st.bq),  # [B, bq]
+        _rows(blk.kv_seg, j, st.bk),  # [B, bk]
+    )
+
+
+def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
+    """Fold the key/value block of device ``src`` into the online-softmax state ``carry``
+    (m, l [B, Tl, K, G], acc [B, Tl, K, G, Hv]), one [bq, bk] tile at a time."""
+    pos = _positions(st, qs, blk, me, src)
+    nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
 
     def one_head(m, l, acc, q, k, v, mask):
         return blockwise.forward_block((m, l, acc), q, k, v, None, mask, None, st.scale, st.cap)
 
-    k = blk.k[:, cols].astype(jnp.float32)  # [B, tk, K, H]
-    v = blk.v[:, cols].astype(jnp.float32)  # [B, tk, K, Hv]
-    part = tuple(x[:, rows] for x in carry)
-    new = _over_heads(one_head, 4, 2, False)(*part, qs.q[:, rows], k, v, mask)
-    return tuple(x.at[:, rows].set(n) for x, n in zip(carry, new))
+    def q_tile(i, carry):
+        q = _rows(qs.q, i, st.bq)  # [B, bq, K, G, H]
+
+        def k_tile(j, state):
+            t = _tile(st, qs, blk, pos, i, j)
+
+            def fold(state, structural):
+                mask = _tile_mask(st, qs, t, structural)
+                k = _rows(blk.k, j, st.bk).astype(q.dtype)  # [B, bk, K, H]
+                v = _rows(blk.v, j, st.bk).astype(q.dtype)  # [B, bk, K, Hv]
+                return _over_heads(one_head, 4, 2, False)(*state, q, k, v, mask)
+
+            return _switch(st, _tile_kind(st, qs, t), fold, state)
+
+        state = jax.lax.fori_loop(0, nk, k_tile, tuple(_rows(x, i, st.bq) for x in carry))
+        return tuple(_put_rows(x, s, i, st.bq) for x, s in zip(carry, state))
+
+    some = _tile_kind(st, qs, _whole_block(qs, blk, pos)) > 0
+    return jax.lax.cond(some, lambda c: jax.lax.fori_loop(0, nq, q_tile, c), lambda c: c, carry)
 
 
-def _backward_region(st: _Static, grads, qs: _Queries, do, lse, delta, blk: _Block, me, src, region):
-    rows, cols, use_causal = region
-    mask = _tile_mask(st, qs, blk, me, src, rows, cols, use_causal)
+def _backward_step(st: _Static, qs: _Queries, res, dq, dkv, blk: _Block, me, src):
+    """Add the gradients of every tile against the block of device ``src``: dq [B, Tl, K, G, H]
+    stays here, dkv = (dk [B, Sl, K, H], dv [B, Sl, K, Hv]) belongs to the block."""
+    do, lse, delta = res  # [B, Tl, K, G, Hv], [B, Tl, K, G], [B, Tl, K, G]
+    pos = _positions(st, qs, blk, me, src)
+    nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
 
     def one_head(q, do, lse, delta, k, v, mask):
         dq, dk, dv, _ = blockwise.backward_block(q, k, v, do, lse, delta, None, mask, None, st.scale, st.cap)
         return dq, dk, dv
 
-    k = blk.k[:, cols].astype(jnp.float32)  # [B, tk, K, H]
-    v = blk.v[:, cols].astype(jnp.float32)  # [B, tk, K, Hv]
-    dq, dk, dv = _over_heads(one_head, 4, 2, True)(
-        qs.q[:, rows], do[:, rows], lse[:, rows], delta[:, rows], k, v, mask
-    )
-    g_dq, g_dk, g_dv = grads
-    return g_dq.at[:, rows].add(dq), g_dk.at[:, cols].add(dk), g_dv.at[:, cols].add(dv)
+    def k_tile(j, grads):
+        dq, (dk, dv) = grads
+        k = _rows(blk.k, j, st.bk).astype(qs.q.dtype)  # [B, bk, K, H]
+        v = _rows(blk.v, j, st.bk).astype(qs.q.dtype)  # [B, bk, K, Hv]
+
+        def q_tile(i, inner):
+            t = _tile(st, qs, blk, pos, i, j)
+
+            def grad(inner, structural):
+                dq, dk_j, dv_j = inner
+                mask = _tile_mask(st, qs, t, structural)
+                dq_t, dk_t, dv_t = _over_heads(one_head, 4, 2, True)(
+                    _rows(qs.q, i, st.bq), _rows(do, i, st.bq), _rows(lse, i, st.bq), _rows(delta, i, st.bq),
+                    k, v, mask,
+                )
+                return _put_rows(dq, _rows(dq, i, st.bq) + dq_t, i, st.bq), dk_j + dk_t, dv_j + dv_t
+
+            return _switch(st, _tile_kind(st, qs, t), grad, inner)
+
+        dq, dk_j, dv_j = jax.lax.fori_loop(0, nq, q_tile, (dq, jnp.zeros_like(k), jnp.zeros_like(v)))
+        dk = _put_rows(dk, _rows(dk, j, st.bk) + dk_j, j, st.bk)
+        dv = _put_rows(dv, _rows(dv, j, st.bk) + dv_j, j, st.bk)
+        return dq, (dk, dv)
+
+    some = _tile_kind(st, qs, _whole_block(qs, blk, pos)) > 0
+    return jax.lax.cond(some, lambda g: jax.lax.fori_loop(0, nk, k_tile, g), lambda g: g, (dq, dkv))
 
 
-def _dispatch(st: _Static, me, src, Tl: int, region_fn, state):
-    """Run ``region_fn(state, region)`` for the step's case; skipped cases return ``state``."""
-    branches = [
-        (lambda s: s) if r is None else functools.partial(lambda r, s: region_fn(s, r), r)
-        for r in _regions(st, Tl)
-    ]
-    if len(branches) == 1:
-        return branches[0](state)
-    return jax.lax.switch(_case(st, me, src), branches, state)
+# ----------------------------------------------------------------------------------------
+# The schedule: the local block, then ``hops`` blocks from each side.
+# ----------------------------------------------------------------------------------------
 
 
-def _ring_loop(st: _Static, blk: _Block, step, state, rotate_state):
-    """Visit the P key/value blocks: ``step(state, blk, me, src) -> state`` for each.
+def _ring_loop(st: _Static, blk: _Block, step, stays, travels):
+    """Visit the local key/value block and the blocks the schedule needs.
 
-    ``rotate_state(state, send) -> state`` moves the parts of the state that travel with the
-    block (the dK/dV accumulators) one hop after each step; after P hops they are home. The
-    next block is requested before the current one is used, so the transfer can overlap the
-    compute.
+    ``step(stays, travels, blk, me, src) -> (stays, travels)``: ``stays`` is the per-query state
+    (softmax state, dQ), ``travels`` the per-key state (dK/dV, () in the forward pass), which
+    moves with its block and is sent home at the end of each direction.
     """
-    P = st.num_devices
     me = jax.lax.axis_index(st.axis_name)
-    send = functools.partial(
-        jax.lax.ppermute, axis_name=st.axis_name, perm=[(d, (d + 1) % P) for d in range(P)]
-    )
+    stays, travels = step(stays, travels, blk, me, me)
+    for direction, hops in zip((1, -1), st.hops):
+        if hops:
+            stays, back = _relay(st, blk, step, stays, jax.tree.map(jnp.zeros_like, travels), me, direction, hops)
+            travels = jax.tree.map(jnp.add, travels, back)
+    return stays, travels
 
-    def body(s, carry):
-        state, blk = carry
-        nxt = send(blk)
-        return rotate_state(step(state, blk, me, (me - s) % P), send), nxt
 
-    state, blk = jax.lax.fori_loop(0, P - 1, body, (state, blk))
-    return rotate_state(step(state, blk, me, (me - (P - 1)) % P), send)
+def _relay(st: _Static, blk: _Block, step, stays, travels, me, direction: int, hops: int):
+    """``hops`` steps with blocks moving one device in ``direction`` per step; the next block
+    is requested before the current one is used, so the transfer can overlap the compute."""
+    P = st.num_devices
+
+    def shift(x, by: int):
+        perm = [(d, (d + by) % P) for d in range(P)]
+        return jax.tree.map(lambda a: jax.lax.ppermute(a, st.axis_name, perm), x)
+
+    def body(h, carry):
+        stays, travels, blk = carry
+        nxt = shift(blk, direction)
+        stays, travels = step(stays, travels, blk, me, (me - direction * h) % P)
+        return stays, shift(travels, direction), nxt
+
+    stays, travels, blk = jax.lax.fori_loop(1, hops, body, (stays, travels, shift(blk, direction)))
+    stays, travels = step(stays, travels, blk, me, (me - direction * hops) % P)
+    return stays, shift(travels, -direction * hops)  # home
 
 
 # ----------------------------------------------------------------------------------------
@@ -314,21 +473,25 @@ def _ring_loop(st: _Static, blk: _Block, step, state, rotate_state):
 # ----------------------------------------------------------------------------------------
 
 
+def _compute_dtype(dtype):
+    """fp32 for fp32 and narrower inputs, fp64 for fp64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _forward(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg):
-    """q [B, Tl, K, G, H] -> (out [B, Tl, K, G, Hv] fp32, lse [B, Tl, K, G])."""
+    """q [B, Tl, K, G, H] -> (out [B, Tl, K, G, Hv], lse [B, Tl, K, G]) in the compute dtype."""
     B, Tl, K, G, _ = q.shape
     Hv = v.shape[-1]
-    qs = _Queries(q.astype(jnp.float32), q_len, kv_len, q_seg)
+    qs = _Queries(q.astype(_compute_dtype(q.dtype)), q_len, kv_len, q_seg)
     # The empty online-softmax state; *_like keeps the shard_map variance of q.
     m = jnp.full_like(qs.q[..., 0], -jnp.inf)  # [B, Tl, K, G]
     l = jnp.zeros_like(m)  # [B, Tl, K, G]
     acc = jnp.zeros_like(m, shape=m.shape + (Hv,))  # [B, Tl, K, G, Hv]
 
-    def step(carry, blk, me, src):
-        fold = lambda c, region: _forward_region(st, c, qs, blk, me, src, region)
-        return _dispatch(st, me, src, Tl, fold, carry)
+    def step(carry, travels, blk, me, src):
+        return _forward_step(st, qs, carry, blk, me, src), travels
 
-    m, l, acc = _ring_loop(st, _Block(k, v, kv_seg), step, (m, l, acc), lambda c, send: c)
+    (m, l, acc), _ = _ring_loop(st, _Block(k, v, kv_seg), step, (m, l, acc), ())
     out, lse = blockwise.finalize((m.reshape(-1), l.reshape(-1), acc.reshape(-1, Hv)))  # rows flat
     return out.reshape(B, Tl, K, G, Hv), lse.reshape(B, Tl, K, G)
 
@@ -347,27 +510,41 @@ def _ring_fwd(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg):
 
 def _ring_bwd(st: _Static, res, d_out):
     q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse = res
-    qs = _Queries(q.astype(jnp.float32), q_len, kv_len, q_seg)
-    do = d_out.astype(jnp.float32)  # [B, Tl, K, G, Hv]
-    delta = jnp.sum(do * out.astype(jnp.float32), axis=-1)  # [B, Tl, K, G]
-    grads = (
-        jnp.zeros_like(qs.q),  # dq [B, Tl, K, G, H]
-        jnp.zeros_like(k, dtype=jnp.float32),  # dk [B, Sl, K, H]: travels with its block
-        jnp.zeros_like(v, dtype=jnp.float32),  # dv [B, Sl, K, Hv]: travels with its block
-    )
+    cd = _compute_dtype(q.dtype)
+    qs = _Queries(q.astype(cd), q_len, kv_len, q_seg)
+    do = d_out.astype(cd)  # [B, Tl, K, G, Hv]
+    delta = jnp.sum(do * out.astype(cd), axis=-1)  # [B, Tl, K, G]
+    dq = jnp.zeros_like(qs.q)  # [B, Tl, K, G, H]
+    dkv = (jnp.zeros_like(k, dtype=cd), jnp.zeros_like(v, dtype=cd))  # [B, Sl, K, H|Hv]
 
-    def step(grads, blk, me, src):
-        tile = lambda g, region: _backward_region(st, g, qs, do, lse, delta, blk, me, src, region)
-        return _dispatch(st, me, src, q.shape[1], tile, grads)
+    def step(dq, dkv, blk, me, src):
+        return _backward_step(st, qs, (do, lse, delta), dq, dkv, blk, me, src)
 
-    def rotate(grads, send):
-        return grads[0], send(grads[1]), send(grads[2])
-
-    dq, dk, dv = _ring_loop(st, _Block(k, v, kv_seg), step, grads, rotate)
+    dq, (dk, dv) = _ring_loop(st, _Block(k, v, kv_seg), step, dq, dkv)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit``."""
+    return next(d for d in range(min(n, limit), 0, -1) if n % d == 0)
+
+
+def _tile_sizes(block_sizes, Tl: int, Sl: int) -> tuple[int, int]:
+    """(bq, bk) dividing the local lengths: the given ones, or the largest up to 'chunked''s defaults."""
+    if block_sizes is None:
+        return _divisor_at_most(Tl, 256), _divisor_at_most(Sl, DEFAULT_BLOCK_KV)
+    ok = isinstance(block_sizes, (tuple, list)) and len(block_sizes) == 2 and all(
+        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_sizes
+    )
+    if not ok or Tl % block_sizes[0] or Sl % block_sizes[1]:
+        raise ValueError(
+            f"block_sizes: expected (block_q, block_kv) of positive ints dividing the local query and "
+            f"key lengths ({Tl}, {Sl}), got {block_sizes!r}"
+        )
+    return tuple(block_sizes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -390,7 +567,9 @@ def ring_attention(
     q_segment_ids=None,
     kv_segment_ids=None,
     logits_soft_cap: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
     layout: str = "contiguous",
+    block_sizes: tuple[int, int] | None = None,
 ):
     """Exact multi-head attention over a sequence sharded along ``axis_name``; call inside
     ``jax.shard_map``.
@@ -405,7 +584,11 @@ def ring_attention(
     same arguments, returned as the local ``[B, Tl, N, Hv]`` shard in the same layout.
 
     Masks must be cheap per block: ``bias`` and a dense ``mask`` raise ValueError. ``is_causal``
-    needs equal query and key lengths (self-attention); causality is top-left.
+    needs equal query and key lengths (self-attention); causality and ``local_window_size``
+    (``w`` or ``(left, right)`` around the diagonal) are top-left, as in
+    ``dot_product_attention``. A window shortens the ring: blocks travel only as far as some
+    query can see. ``block_sizes = (bq, bk)`` are the tile sizes of each step (dividing the
+    local lengths); by default the largest divisors up to ``'chunked'``'s (512, 256).
     """
     B, Tl, Sl, N, K = check_arrays(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
@@ -434,7 +617,10 @@ def ring_attention(
     scale = 1.0 / H**0.5 if scale is None else _checks.concrete_number("scale", scale)
     if logits_soft_cap is not None:
         logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
-    st = _Static(axis_name, P, scale, logits_soft_cap, bool(is_causal), layout)
+    window = None if local_window_size is None else _checks.window("local_window_size", local_window_size)
+    bq, bk = _tile_sizes(block_sizes, Tl, Sl)
+    hops = _hops(bool(is_causal), window, layout, P, Tl, Sl)
+    st = _Static(axis_name, P, scale, logits_soft_cap, bool(is_causal), layout, window, bq, bk, hops)
     q = jnp.reshape(query, (B, Tl, K, N // K, H))  # [B, Tl, K, G, H]
     out = _ring(st, q, key, value, query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids)
     return jnp.reshape(out, (B, Tl, N, value.shape[-1]))  # [B, Tl, N, Hv]

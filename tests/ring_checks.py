@@ -1,6 +1,6 @@
 """Multi-device checks of ring attention, run by tests/test_ring.py in a subprocess.
 
-Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, memory, errors}; prints one
+Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors}; prints one
 JSON object (check name -> measured values). XLA_FLAGS must give 8 host devices before jax
 is imported, which is why this is a separate process.
 """
@@ -157,13 +157,34 @@ def forward():
     return r
 
 
-def memory():
-    """Per-device compiled temp bytes of forward+backward for P = 1, 2, 4, 8 ring devices."""
-    B, T, N, H = 1, 2048, 4, 64
-    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+def windows():
+    """Local windows (shortened schedules) and steps cut into several tiles, forward and grads."""
+    seq8 = jax.make_mesh((8,), ("s",))
     r = {}
-    for n in (1, 2, 4, 8):
+    # T=32: 4 rows per device in 2 x 2 tiles; a causal window of 5 needs 2 lower neighbours.
+    r["window_causal_contiguous"] = _compare(seq8, 11, is_causal=True, local_window_size=(5, 0), T=32,
+                                             block_sizes=(2, 2))
+    # Zig-zag: a window inside one chunk needs one neighbour each way.
+    r["window_causal_zigzag_gqa_seg"] = _compare(seq8, 12, layout="zigzag", is_causal=True, local_window_size=3,
+                                                 seg=True, N=6, K=3, T=32, block_sizes=(2, 1))
+    r["window_two_sided_lengths"] = _compare(seq8, 13, local_window_size=(3, 6), kv_lengths=[30, 9], T=32,
+                                             block_sizes=(1, 2))
+    # Steps of 3 x 2 tiles, every mask at once.
+    r["tiles_causal_zigzag_seg_lengths"] = _compare(
+        seq8, 14, layout="zigzag", is_causal=True, seg=True, kv_lengths=[40, 29], q_lengths=[37, 48], T=48,
+        N=4, K=2, block_sizes=(2, 3),
+    )
+    return r
+
+
+def memory():
+    """Per-device compiled temp bytes of forward+backward (causal, zig-zag): the ring on 1 device
+    and 'chunked' at the same T, the ring on 8 devices at 8x that T, and on 2 devices at 8x T."""
+    B, T, N, H = 1, 2048, 4, 64
+    r = {}
+    for n, length in ((1, T), (2, 8 * T), (8, 8 * T)):
         mesh = jax.make_mesh((n,), ("s",), devices=jax.devices()[:n])
+        q = jax.ShapeDtypeStruct((B, length, N, H), jnp.float32)
 
         def loss(q, k, v):
             out = jattn.sequence_parallel_attention(q, k, v, mesh=mesh, axis_name="s", layout="zigzag", is_causal=True)
@@ -171,14 +192,13 @@ def memory():
 
         with jax.set_mesh(mesh):
             step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-            mem = step.lower(q, q, q).compile().memory_analysis()
-        r[f"ring_P{n}"] = int(mem.temp_size_in_bytes)
-    for impl in ("xla", "chunked"):
-        one = jax.jit(jax.value_and_grad(
-            lambda q, k, v: jnp.sum(jattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)),
-            argnums=(0, 1, 2),
-        ))
-        r[f"single_device_{impl}"] = int(one.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes)
+            r[f"ring_P{n}_T{length}"] = int(step.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes)
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+    one = jax.jit(jax.value_and_grad(
+        lambda q, k, v: jnp.sum(jattn.dot_product_attention(q, k, v, is_causal=True, implementation="chunked")),
+        argnums=(0, 1, 2),
+    ))
+    r[f"chunked_T{T}"] = int(one.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes)
     return r
 
 
@@ -211,4 +231,5 @@ def errors():
 
 if __name__ == "__main__":
     group = sys.argv[1]
-    print(json.dumps({"gradients": gradients, "forward": forward, "memory": memory, "errors": errors}[group]()))
+    groups = {"gradients": gradients, "forward": forward, "windows": windows, "memory": memory, "errors": errors}
+    print(json.dumps(groups[group]()))

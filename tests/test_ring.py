@@ -1,5 +1,5 @@
 """Ring (sequence-parallel) attention: parity with single-device attention on 8 simulated CPU
-devices, per-device memory, layouts, and bad input.
+devices (windows, tiles), per-device memory, layouts, schedules, skipped tiles, and bad input.
 
 The multi-device checks run in subprocesses (tests/ring_checks.py) because the device count
 must be set before jax is imported.
@@ -54,14 +54,26 @@ def test_ring_forward_matches_single_device():
         assert fwd < (2e-2 if case.startswith("bf16") else 1e-4), (case, fwd)
 
 
-def test_memory_per_device_falls_with_ring_size():
-    memory = _run_group("memory")
-    print(json.dumps(memory))
-    temp = [memory[f"ring_P{n}"] for n in (1, 2, 4, 8)]
-    for prev, nxt in zip(temp, temp[1:]):
-        assert nxt < prev / 1.8, temp  # at least ~1/P per doubling of P
-    assert temp[-1] < memory["single_device_xla"] / 4, memory  # the quadratic single-device path
-    assert temp[-1] < memory["single_device_chunked"], memory  # and the memory-linear one
+def test_ring_windows_and_tiles_match_single_device():
+    r = _run_group("windows")
+    assert sorted(r) == sorted([
+        "window_causal_contiguous", "window_causal_zigzag_gqa_seg", "window_two_sided_lengths",
+        "tiles_causal_zigzag_seg_lengths",
+    ])
+    for case, (fwd, grads) in r.items():
+        assert fwd < 1e-4, (case, fwd)
+        assert len(grads) == 3 and max(grads) < 1e-3, (case, grads)
+
+
+def test_memory_per_device_is_linear_in_the_local_length():
+    m = _run_group("memory")
+    print(json.dumps(m))
+    # One device: no more than 'chunked' at the same T.
+    assert m["ring_P1_T2048"] <= m["chunked_T2048"], m
+    # 8 devices at 8x the length: the same local length, within 2x of 'chunked' on it.
+    assert m["ring_P8_T16384"] <= 2 * m["chunked_T2048"], m
+    # Fixed length: 4x the devices, over 2x less memory each (the per-tile scratch is constant).
+    assert m["ring_P8_T16384"] < m["ring_P2_T16384"] / 2.2, m
 
 
 ERROR_CASES = {
@@ -102,34 +114,54 @@ def test_layout_round_trip(layout):
     np.testing.assert_array_equal(y[0, :, 0], x[0, np.asarray(ring.layout_positions(12, 3, layout)), 0])
 
 
-def _work(layout: str, P: int, Tl: int):
-    """Per device, the query-key pairs it computes over all steps, and the visible ones it covers."""
-    st = ring._Static("s", P, 1.0, None, True, layout)
-    regions = ring._regions(st, Tl)
-    computed, visible = np.zeros(P, int), np.zeros(P, int)
+def _computed_tiles(layout: str, P: int, Tl: int, b: int, window=None):
+    """Per device, the tiles it computes over all steps (``_tile_kind > 0``), checking that no
+    skipped tile holds a visible pair and that the schedule's hops reach every visible block."""
+    f, bwd = ring._hops(True, window, layout, P, Tl, Tl)
+    st = ring._Static("s", P, 1.0, None, True, layout, window, b, b, (f, bwd))
+    qs = ring._Queries(jnp.zeros((1, Tl, 1, 1, 1)), None, None, None)
+    lo, _ = ring._offset_bounds(True, window)
+    computed = np.zeros(P, int)
     for me in range(P):
         q_pos = np.asarray(ring._local_positions(layout, me, Tl, P))
-        for src in range(P):
+        for d in range(P):
+            src = (me - d) % P
             k_pos = np.asarray(ring._local_positions(layout, src, Tl, P))
-            region = regions[int(ring._case(st, me, src))]
-            seen = np.zeros((Tl, Tl), bool)
-            if region is not None:
-                seen[region[0], region[1]] = True
-                computed[me] += seen.sum()
-            needed = k_pos[None, :] <= q_pos[:, None]
-            assert not (needed & ~seen).any(), (layout, me, src)  # no visible pair skipped
-            visible[me] += needed.sum()
-    return computed, visible
+            reached = d <= f or d >= P - bwd
+            for i in range(Tl // b):
+                for j in range(Tl // b):
+                    qp, kp = q_pos[i * b:(i + 1) * b], k_pos[j * b:(j + 1) * b]
+                    needed = (kp[None, :] <= qp[:, None]) & (lo is None or kp[None, :] >= qp[:, None] + (lo or 0))
+                    kind = int(ring._tile_kind(st, qs, ring._Tile(jnp.asarray(qp), jnp.asarray(kp), None, None)))
+                    assert not (needed.any() and (kind == 0 or not reached)), (layout, me, src, i, j)
+                    computed[me] += kind > 0 and reached
+    return computed
 
 
-def test_zigzag_balances_causal_work():
-    P, Tl = 8, 6
-    computed, visible = _work("zigzag", P, Tl)
-    assert len(set(computed.tolist())) == 1, computed  # every device does the same work
-    assert computed[0] == Tl * Tl + (P - 1) * Tl * Tl // 2  # diagonal + half a tile per step
-    computed_c, _ = _work("contiguous", P, Tl)
-    assert computed_c.max() == P * computed_c.min()  # last device P times the first
-    assert computed.max() < 0.6 * computed_c.max()
+def test_zigzag_balances_causal_work_and_skips_hidden_tiles():
+    P, Tl, b = 4, 8, 2  # 4 x 4 tiles per step, each inside one zig-zag chunk
+    zigzag = _computed_tiles("zigzag", P, Tl, b)
+    assert len(set(zigzag.tolist())) == 1, zigzag  # every device does the same work
+    # Diagonal step: 2 causal chunk blocks (3 tiles each) + 1 full chunk block (4): 10 tiles;
+    # every other step is half a block: 8 tiles.
+    assert zigzag[0] == 10 + (P - 1) * 8, zigzag
+    contiguous = _computed_tiles("contiguous", P, Tl, b)
+    assert contiguous.tolist() == [10 + 16 * d for d in range(P)], contiguous  # last device P-fold
+    assert zigzag.max() < 0.6 * contiguous.max()
+
+
+def test_window_shortens_the_schedule():
+    P, Tl = 8, 16
+    assert ring._hops(True, None, "zigzag", P, Tl, Tl) == (P - 1, 0)  # full ring
+    assert ring._hops(False, None, "contiguous", P, Tl, Tl) == (P - 1, 0)
+    assert ring._hops(True, (16, 0), "contiguous", P, Tl, Tl) == (1, 0)  # one lower neighbour
+    assert ring._hops(True, (17, 0), "contiguous", P, Tl, Tl) == (2, 0)
+    assert ring._hops(False, (20, 3), "contiguous", P, Tl, Tl) == (2, 1)  # both sides
+    assert ring._hops(True, (8, 0), "zigzag", P, Tl, Tl) == (1, 1)  # chunk neighbours on both sides
+    assert ring._hops(False, (100, 100), "contiguous", P, Tl, Tl) == (P - 1, 0)  # everything: the ring
+    # Every visible tile of a windowed zig-zag schedule is reached and computed; few are.
+    windowed = _computed_tiles("zigzag", 4, 8, 2, window=(3, 0))
+    assert windowed.max() < _computed_tiles("zigzag", 4, 8, 2).min() / 2, windowed
 
 
 def _one_device_mesh():
@@ -150,7 +182,9 @@ Q = np.ones((1, 4, 2, 3), np.float32)
         (dict(head_axis="x"), ValueError, "head_axis: expected one of the mesh axes"),
         (dict(mesh="mesh"), TypeError, "mesh: expected a jax.sharding.Mesh"),
         (dict(layout="striped"), ValueError, "layout: expected one of ('contiguous', 'zigzag')"),
-        (dict(local_window_size=2), TypeError, "local_window_size"),
+        (dict(local_window_size=-1), ValueError, "local_window_size: expected non-negative window sizes"),
+        (dict(local_window_size="big"), TypeError, "local_window_size: expected an int or a (left, right)"),
+        (dict(block_sizes=(3, 2)), ValueError, "block_sizes: expected (block_q, block_kv) of positive ints dividing"),
         (dict(q_segment_ids=np.zeros((1, 4), np.int32)), ValueError, "q_segment_ids, kv_segment_ids: expected both"),
         (dict(key_value_seq_lengths=np.zeros((2,), np.int32)), ValueError, "key_value_seq_lengths: expected shape (1,)"),
         (dict(key_value_seq_lengths=np.zeros((1,), np.float32)), TypeError, "key_value_seq_lengths: expected an integer"),
