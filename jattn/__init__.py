@@ -1,20 +1,25 @@
 """jattn: exact, memory-aware attention for JAX."""
 
-from jattn import masks
+from jattn import flex, masks
 from jattn.attention import attention
 from jattn.dispatch import explain_implementation
 from jattn.flax_attention_fn import flax_attention_fn
+from jattn.flex import BlockMask, create_block_mask, flex_attention
 from jattn.multihead import dot_product_attention
 from jattn.ring import ring_attention
 from jattn.sequence_parallel import sequence_parallel_attention, sequence_parallel_attention_fn
 from jattn.rope import apply_rope
 
 __all__ = [
+    "BlockMask",
     "apply_rope",
     "attention",
+    "create_block_mask",
     "dot_product_attention",
     "explain_implementation",
     "flax_attention_fn",
+    "flex",
+    "flex_attention",
     "masks",
     "ring_attention",
     "sequence_parallel_attention",

@@ -1,0 +1,171 @@
+"""``flex_attention``: attention with programmable ``score_mod`` / ``mask_mod``.
+
+Shape glossary: B batch (leading dims flattened), T query length, S key length, N query
+heads, K key/value heads, G = N/K, H key head dim, Hv value head dim, nq/nk query/key blocks.
+
+The single-head kernel (``'chunked'``: block-sparse, memory-linear; ``'xla'``: dense
+reference) is lifted with ``jax.vmap`` over the G query heads sharing a kv head, the K kv
+heads and the batch, as in ``jattn.dot_product_attention``. The mods receive global indices:
+``b`` the flattened batch row, ``h`` the query head (0..N-1), ``q_idx``/``kv_idx`` positions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jattn import _checks
+from jattn.flex import convert
+from jattn.flex.block_mask import BlockMask, create_block_mask
+from jattn.flex.dense import dense_head
+from jattn.flex.kernel import Inputs, Rows, Static, flex_head
+
+IMPLEMENTATIONS = (None, "xla", "chunked")
+DEFAULT_BLOCK_SIZE = 128
+
+
+def _check_inputs(query, key, value):
+    """Shapes/dtypes of q, k, v; returns (batch_shape, T, N, H, S, K, Hv)."""
+    q_shape = _checks.rank("query", query, tuple(range(3, 64)), "[*B, T, N, H]")
+    k_shape = _checks.shape_of("key", key)
+    v_shape = _checks.shape_of("value", value)
+    dts = {}
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _checks.floating(name, x)
+        dts[name] = _checks.dtype_of(name, x)
+    if len(set(dts.values())) != 1:
+        raise TypeError(f"query, key, value: expected one dtype, got {dts}")
+    batch_shape = q_shape[:-3]
+    T, N, H = q_shape[-3:]
+    if len(k_shape) != len(q_shape) or k_shape[:-3] != batch_shape or k_shape[-1] != H:
+        raise ValueError(
+            f"key: expected shape {batch_shape + ('S', 'K', H)} ([*B, S, K, H] matching "
+            f"query {q_shape}), got {k_shape}"
+        )
+    S, K = k_shape[-3], k_shape[-2]
+    if len(v_shape) != len(k_shape) or v_shape[:-1] != k_shape[:-1]:
+        raise ValueError(
+            f"value: expected shape {k_shape[:-1] + ('Hv',)} ([*B, S, K, Hv] matching key "
+            f"{k_shape}), got {v_shape}"
+        )
+    if K == 0 or N % K:
+        raise ValueError(f"query, key: the number of query heads N={N} must be a multiple of the kv heads K={K}")
+    if T == 0 or S == 0:
+        raise ValueError(f"query, key: expected T >= 1 and S >= 1, got T={T}, S={S}")
+    return batch_shape, T, N, H, S, K, v_shape[-1]
+
+
+def _check_block_mask(bm, B: int, N: int, T: int, S: int):
+    if not isinstance(bm, BlockMask):
+        raise TypeError(f"block_mask: expected a jattn.BlockMask (from create_block_mask), got {type(bm).__name__}")
+    Bm, Nm, Tm, Sm = bm.shape
+    if (Tm, Sm) != (T, S) or Bm not in (1, B) or Nm not in (1, N):
+        raise ValueError(
+            f"block_mask: built for (B, N, T, S) = {(Bm, Nm, Tm, Sm)}, expected ({B} or 1, {N} or 1, "
+            f"{T}, {S}) for query/key of this call; rebuild it with create_block_mask(mask_mod, {B}, {N}, {T}, {S})"
+        )
+
+
+def _rows_split(x, K: int, G: int):
+    """[Bm, Nm, ...] -> ([Bm|squeezed, Km, Gm, ...] array, vmap axes for (B, K, G))."""
+    Bm, Nm = x.shape[:2]
+    heads = (K, G) if Nm > 1 else (1, 1)
+    x = jnp.reshape(x, (Bm,) + heads + x.shape[2:])  # [Bm, Km, Gm, ...]
+    axes = tuple(0 if d > 1 else None for d in x.shape[:3])
+    return jnp.squeeze(x, tuple(i for i, ax in enumerate(axes) if ax is None)), axes
+
+
+def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask_mod: Callable | None = None,
+                   block_mask: BlockMask | None = None, scale: float | None = None,
+                   return_residual: bool = False, implementation: str | None = None):
+    """Attention with a programmable score and mask: softmax(score_mod(q·kᵀ·scale), where mask_mod) v.
+
+    Args:
+      query: ``[*B, T, N, H]`` (or unbatched ``[T, N, H]``).
+      key: ``[*B, S, K, H]``; N must be a multiple of K (GQA/MQA, K/V never repeated).
+      value: ``[*B, S, K, Hv]``.
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on scalars; ``b`` is the
+        flattened batch row, ``h`` the query head, ``q_idx``/``kv_idx`` global positions.
+        Returning ``-inf`` hides the entry. Arrays it closes over get gradients.
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend) on scalars.
+      block_mask: a ``BlockMask`` from ``create_block_mask``; its ``mask_mod`` is used when
+        ``mask_mod`` is None. Without it one is built (per batch row / head only if the
+        mask_mod reads ``b`` / ``h``) with block size 128.
+      scale: multiplies ``q·kᵀ`` before score_mod; default ``1/sqrt(H)``.
+      return_residual: also return the fp32 row logsumexp ``[*B, T, N]`` (stop-gradient).
+      implementation: ``'chunked'`` (block-sparse, memory-linear; the default), or ``'xla'``
+        (dense [T, S] reference, also supports forward-mode autodiff).
+
+    Returns:
+      ``out [*B, T, N, Hv]`` in the dtype of ``query``, or ``(out, residual)``.
+
+    A row that sees no key returns 0 with zero gradients. Softmax runs in fp32 (float64 for
+    float64 inputs). NaN in q/k/v or a NaN score is not hidden: it reaches the rows that see it.
+    """
+    batch_shape, T, N, H, S, K, Hv = _check_inputs(query, key, value)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if block_mask is not None and mask_mod is not None and mask_mod is not block_mask.mask_mod:
+        raise ValueError("mask_mod, block_mask: give one of them, or the block mask's own mask_mod")
+    G = N // K
+    B = math.prod(batch_shape)
+    if block_mask is not None:
+        _check_block_mask(block_mask, B, N, T, S)
+        mask_mod = block_mask.mask_mod
+    scale = 1.0 / H**0.5 if scale is None else _checks.concrete_number("scale", scale)
+    dt = jnp.promote_types(_checks.dtype_of("query", query), jnp.float32)
+    smod = None if score_mod is None else convert.convert("score_mod", score_mod, dt)
+    mmod = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
+
+    q = jnp.reshape(query, (B, T, K, G, H)).astype(dt)  # [B, T, K, G, H]
+    k = jnp.reshape(key, (B, S, K, H)).astype(dt)  # [B, S, K, H]
+    v = jnp.reshape(value, (B, S, K, Hv)).astype(dt)  # [B, S, K, Hv]
+    b_ids = jnp.arange(B, dtype=jnp.int32)  # [B]
+    h_ids = jnp.arange(N, dtype=jnp.int32).reshape(K, G)  # [K, G]
+    s_consts = () if smod is None else smod.consts
+    m_consts = () if mmod is None else mmod.consts
+
+    if implementation == "xla":
+        def one_head(q, k, v, b, h):
+            return dense_head(q, k, v, b, h, smod, mmod, s_consts, m_consts, scale)
+
+        over_g = jax.vmap(one_head, in_axes=(1, None, None, None, 0), out_axes=(1, 1))
+        over_k = jax.vmap(over_g, in_axes=(1, 1, 1, None, 0), out_axes=(1, 1))
+        out, lse = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None))(q, k, v, b_ids, h_ids)
+    else:
+        if block_mask is None:
+            block_mask = create_block_mask(
+                mask_mod, B if mmod is not None and mmod.uses_b else None,
+                N if mmod is not None and mmod.uses_h else None, T, S, block_size=DEFAULT_BLOCK_SIZE,
+            )
+        bq, bk = block_mask.block_size
+        nq, nk = -(-T // bq), -(-S // bk)
+        Tp, Sp = nq * bq, nk * bk
+        st = Static(T, S, bq, bk, scale, *(None if m is None else m._replace(consts=()) for m in (smod, mmod)))
+        q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))  # [B, Tp, K, G, H]
+        k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))  # [B, Sp, K, H]
+        v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))  # [B, Sp, K, Hv]
+        split = [_rows_split(x, K, G) for x in (
+            block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
+            block_mask.full_q_num_blocks, block_mask.full_q_indices,
+        )]
+        rows = Rows(*(x for x, _ in split))
+        rb, rk, rg = (Rows(*(axes[n] for _, axes in split)) for n in range(3))
+
+        def one_head(q, k, v, b, h, r):
+            a = Inputs(q, k, v, b, h, s_consts, m_consts)
+            return flex_head(st, a, r)
+
+        over_g = jax.vmap(one_head, in_axes=(1, None, None, None, 0, rg), out_axes=(1, 1))
+        over_k = jax.vmap(over_g, in_axes=(1, 1, 1, None, 0, rk), out_axes=(1, 1))
+        out, lse = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None, rb))(q, k, v, b_ids, h_ids, rows)
+        out, lse = out[:, :T], lse[:, :T]  # [B, T, K, G, Hv], [B, T, K, G]
+    out = jnp.reshape(out.astype(query.dtype), batch_shape + (T, N, Hv))  # [*B, T, N, Hv]
+    if return_residual:
+        res = jnp.reshape(lse.astype(jnp.promote_types(dt, jnp.float32)), batch_shape + (T, N))  # [*B, T, N]
+        return out, jax.lax.stop_gradient(res)
+    return out

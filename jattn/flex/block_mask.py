@@ -1,0 +1,170 @@
+"""``BlockMask``: which key blocks each query block sees, and ``create_block_mask``.
+
+Shape glossary: B batch (1 = broadcast), N heads (1 = broadcast), T query length, S key
+length, bq/bk query/key block sizes, nq = ceil(T/bq) query blocks, nk = ceil(S/bk) key blocks.
+
+Layout (the per-row counts + indices layout of FlexAttention and splash attention, so a
+Pallas kernel can consume it unchanged). For every (b, h, query block i):
+
+- ``kv_num_blocks[b, h, i]``: how many key blocks are *partly* visible (``mask_mod`` must be
+  evaluated there); ``kv_indices[b, h, i, :kv_num_blocks]`` lists them in increasing order.
+- ``full_kv_num_blocks`` / ``full_kv_indices``: the blocks that are *fully* visible (no
+  ``mask_mod`` evaluation, no padded key).
+- ``q_num_blocks``, ``q_indices``, ``full_q_num_blocks``, ``full_q_indices``: the transposed
+  view, per key block, for the backward pass.
+
+Entries past a row's count repeat its last listed block (or 0), so they are always valid
+indices. A block counted nowhere is skipped entirely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jattn.flex import convert
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+    """Block-sparse visibility of a ``mask_mod`` (see the module docstring for the layout).
+
+    Arrays are int32: counts ``[B, N, nq]`` / ``[B, N, nk]``, indices ``[B, N, nq, nk]`` /
+    ``[B, N, nk, nq]``. ``B`` and ``N`` are 1 where the mask does not depend on them.
+    """
+
+    kv_num_blocks: jax.Array  # [B, N, nq]
+    kv_indices: jax.Array  # [B, N, nq, nk]
+    full_kv_num_blocks: jax.Array  # [B, N, nq]
+    full_kv_indices: jax.Array  # [B, N, nq, nk]
+    q_num_blocks: jax.Array  # [B, N, nk]
+    q_indices: jax.Array  # [B, N, nk, nq]
+    full_q_num_blocks: jax.Array  # [B, N, nk]
+    full_q_indices: jax.Array  # [B, N, nk, nq]
+    seq_lengths: tuple[int, int] = dataclasses.field(metadata=dict(static=True))  # (T, S)
+    block_size: tuple[int, int] = dataclasses.field(metadata=dict(static=True))  # (bq, bk)
+    mask_mod: Callable | None = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, N, T, S) the mask was built for (B, N = 1: broadcast)."""
+        B, N = self.kv_num_blocks.shape[:2]
+        return (B, N) + tuple(self.seq_lengths)
+
+    def to_dense(self) -> jax.Array:
+        """Block-level visibility ``int32 [B, N, nq, nk]``: 0 skipped, 1 partial, 2 full."""
+        nk = self.kv_indices.shape[-1]
+        partial = _dense_rows(self.kv_num_blocks, self.kv_indices, nk)
+        full = _dense_rows(self.full_kv_num_blocks, self.full_kv_indices, nk)
+        return partial.astype(jnp.int32) + 2 * full.astype(jnp.int32)
+
+    def sparsity(self) -> jax.Array:
+        """Fraction of tiles skipped (over every (b, h) of the mask)."""
+        visited = self.kv_num_blocks.sum() + self.full_kv_num_blocks.sum()
+        return 1.0 - visited / self.kv_indices.size
+
+
+def _dense_rows(counts, indices, n):
+    """counts [..., r], indices [..., r, n] -> bool [..., r, n]: which blocks are listed."""
+    listed = jnp.arange(indices.shape[-1]) < counts[..., None]  # [..., r, n]
+    hot = jax.nn.one_hot(indices, n, dtype=jnp.int32) * listed[..., None]  # [..., r, n, n]
+    return hot.sum(-2) > 0
+
+
+def _counts_and_indices(flags):
+    """bool [..., r, n] -> (counts int32 [..., r], indices int32 [..., r, n]).
+
+    The indices of the True entries come first, in increasing order; the rest repeat the
+    last of them (0 for an empty row), so every entry is a valid block index.
+    """
+    n = flags.shape[-1]
+    counts = flags.sum(-1, dtype=jnp.int32)  # [..., r]
+    order = jnp.argsort(~flags, axis=-1, stable=True).astype(jnp.int32)  # [..., r, n]
+    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)  # [..., r, 1]
+    keep = jnp.arange(n) < counts[..., None]
+    return counts, jnp.where(keep, order, jnp.where(counts[..., None] > 0, last, 0))
+
+
+def from_block_flags(partial, full, seq_lengths, block_size, mask_mod) -> BlockMask:
+    """A ``BlockMask`` from bool ``partial``/``full`` block matrices ``[B, N, nq, nk]``."""
+    kv_num, kv_idx = _counts_and_indices(partial)
+    fkv_num, fkv_idx = _counts_and_indices(full)
+    partial_t, full_t = (jnp.swapaxes(x, -1, -2) for x in (partial, full))  # [B, N, nk, nq]
+    q_num, q_idx = _counts_and_indices(partial_t)
+    fq_num, fq_idx = _counts_and_indices(full_t)
+    return BlockMask(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
+                     tuple(seq_lengths), tuple(block_size), mask_mod)
+
+
+def _block_size_pair(block_size) -> tuple[int, int]:
+    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair):
+        raise ValueError(f"block_size: expected a positive int or (block_q, block_kv), got {block_size!r}")
+    return pair
+
+
+def _size(name: str, x, allow_none: bool) -> int:
+    if x is None and allow_none:
+        return 1
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {x!r}")
+    return x
+
+
+def create_block_mask(mask_mod: Callable | None, B: int | None, N: int | None, T: int, S: int, *,
+                      block_size: int | tuple[int, int] = 128) -> BlockMask:
+    """Evaluate ``mask_mod`` tile by tile into a ``BlockMask``.
+
+    Never builds the whole [T, S] mask: one row of tiles ([bq, S] booleans) at a time, reduced
+    to "any visible" / "all visible" per tile. Jittable: ``mask_mod`` may close over traced
+    arrays (document ids of this batch), and the result can be used inside the same trace.
+
+    Args:
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` on scalars, or None (every key
+        visible; only tiles holding padded keys are partial).
+      B: batch size, or None to broadcast (the mod then sees ``b = 0``).
+      N: number of query heads, or None to broadcast (``h = 0``).
+      T: query length. S: key length.
+      block_size: ``bq`` or ``(bq, bk)``; T and S need not be multiples of it.
+
+    Returns:
+      ``BlockMask`` with counts ``[B|1, N|1, nq]`` and indices ``[B|1, N|1, nq, nk]`` plus the
+      transposed view.
+    """
+    Bm, Nm = _size("B", B, True), _size("N", N, True)
+    T, S = _size("T", T, False), _size("S", S, False)
+    bq, bk = _block_size_pair(block_size)
+    nq, nk = _ceil_div(T, bq), _ceil_div(S, bk)
+    mod = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
+
+    def one_head(b, h):
+        def q_row(i):
+            q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
+            kv_idx = jnp.arange(nk * bk, dtype=jnp.int32)  # [nk*bk]
+            real = (q_idx < T)[:, None] & (kv_idx < S)[None, :]  # [bq, nk*bk]
+            if mod is None:
+                vis = real
+            else:
+                vis = convert.on_tile(mod, mod.consts, b, h, jnp.minimum(q_idx, T - 1),
+                                      jnp.minimum(kv_idx, S - 1)) & real  # [bq, nk*bk]
+            vis = vis.reshape(bq, nk, bk)  # [bq, nk, bk]
+            any_ = vis.any(axis=(0, 2))  # [nk]
+            # A full tile: every real row sees every key, and the tile holds no padded key.
+            all_ = (vis | ~(q_idx < T)[:, None, None]).all(axis=(0, 2)) & any_
+            all_ = all_ & ((jnp.arange(nk) + 1) * bk <= S)
+            return any_ & ~all_, all_
+
+        return jax.lax.map(q_row, jnp.arange(nq, dtype=jnp.int32))  # [nq, nk] each
+
+    over_h = jax.vmap(one_head, in_axes=(None, 0))
+    over_b = jax.vmap(over_h, in_axes=(0, None))
+    partial, full = over_b(jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32))
+    return from_block_flags(partial, full, (T, S), (bq, bk), mask_mod)  # [Bm, Nm, nq, nk]

@@ -1,0 +1,141 @@
+"""Checking user mods and turning them into closed, vectorised tile functions.
+
+Shape glossary: tq query rows of a tile, tk key columns of a tile.
+
+A ``score_mod(score, b, h, q_idx, kv_idx) -> score`` or ``mask_mod(b, h, q_idx, kv_idx) ->
+bool`` is written for scalars. ``convert`` traces it once on scalar placeholders into a jaxpr;
+every array it reads from its closure (a bias table, document ids, traced or not) becomes an
+explicit *const* argument, so the attention kernel can pass consts through its custom VJP and
+return their gradients. ``on_tile`` evaluates the closed function on a whole [tq, tk] tile.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_ARGS = {
+    "score_mod": ("score", "b", "h", "q_idx", "kv_idx"),
+    "mask_mod": ("b", "h", "q_idx", "kv_idx"),
+}
+
+_TRACED_CONTROL_FLOW = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+class Converted(NamedTuple):
+    """A mod as a jaxpr over (args..., *consts), plus which index arguments it reads."""
+
+    kind: str  # 'score_mod' or 'mask_mod'
+    jaxpr: Any  # jax.core.Jaxpr, hashable by identity
+    consts: tuple  # the arrays the mod closed over, in jaxpr order
+    uses_b: bool  # whether the batch index b reaches the output
+    uses_h: bool  # whether the head index h reaches the output
+
+    def __call__(self, *args_and_consts):
+        """Scalar call: ``(*args, *consts) -> out``."""
+        n = len(_ARGS[self.kind])
+        args, consts = args_and_consts[:n], args_and_consts[n:]
+        return jax.core.eval_jaxpr(self.jaxpr, consts, *args)[0]
+
+
+def _check_arity(kind: str, mod: Callable) -> None:
+    names = _ARGS[kind]
+    if not callable(mod):
+        raise TypeError(f"{kind}: expected a function {kind}({', '.join(names)}), got {type(mod).__name__}")
+    try:
+        sig = inspect.signature(mod)
+    except (TypeError, ValueError):  # builtins without a signature: let the trace decide
+        return
+    try:
+        sig.bind(*names)
+    except TypeError as e:
+        raise TypeError(
+            f"{kind}: expected a function of {len(names)} positional arguments "
+            f"({', '.join(names)}), got {getattr(mod, '__name__', mod)!r} with signature {sig}"
+        ) from e
+
+
+def _reads(jaxpr, var) -> bool:
+    """Whether ``var`` feeds any equation or output of ``jaxpr``."""
+    if var in jaxpr.outvars:
+        return True
+    return any(var in eqn.invars for eqn in jaxpr.eqns)
+
+
+def convert(kind: str, mod: Callable, score_dtype=jnp.float32) -> Converted:
+    """Check ``mod`` and trace it on scalars. Raises TypeError/ValueError naming ``kind``.
+
+    Args:
+      kind: ``'score_mod'`` or ``'mask_mod'``.
+      mod: the user's scalar function.
+      score_dtype: dtype of the ``score`` argument (score_mod only).
+
+    Returns:
+      ``Converted``: the closed jaxpr and its consts.
+    """
+    _check_arity(kind, mod)
+    idx = jax.ShapeDtypeStruct((), jnp.int32)
+    example = (idx,) * 4
+    if kind == "score_mod":
+        example = (jax.ShapeDtypeStruct((), score_dtype),) + example
+    name = getattr(mod, "__name__", repr(mod))
+    try:
+        closed = jax.make_jaxpr(mod)(*example)
+    except _TRACED_CONTROL_FLOW as e:
+        raise TypeError(
+            f"{kind} {name!r}: Python control flow (if/while/bool()/int()) on traced values is "
+            f"not allowed; use jnp.where / jax.lax.select instead. JAX said: {str(e).splitlines()[0]}"
+        ) from e
+    except TypeError as e:
+        raise TypeError(f"{kind} {name!r}: calling it on scalars {_ARGS[kind]} failed: {e}") from e
+    outs = closed.out_avals
+    if len(outs) != 1:
+        raise TypeError(f"{kind} {name!r}: expected one array output, got {len(outs)}")
+    out = outs[0]
+    if out.shape != ():
+        raise ValueError(
+            f"{kind} {name!r}: expected a scalar output for scalar inputs {_ARGS[kind]}, "
+            f"got shape {out.shape} (a score_mod must not change the score's shape)"
+        )
+    if kind == "mask_mod" and out.dtype != np.dtype(bool):
+        raise TypeError(f"{kind} {name!r}: expected a bool output (True = attend), got {out.dtype}")
+    if kind == "score_mod" and not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"{kind} {name!r}: expected a floating score output, got {out.dtype}")
+    invars = closed.jaxpr.invars
+    b_var, h_var = (invars[1], invars[2]) if kind == "score_mod" else (invars[0], invars[1])
+    return Converted(
+        kind, closed.jaxpr, tuple(closed.consts), _reads(closed.jaxpr, b_var), _reads(closed.jaxpr, h_var)
+    )
+
+
+def on_tile(mod: Converted, consts, *args):
+    """Evaluate a converted mod on a tile.
+
+    Args:
+      mod: the converted mod.
+      consts: its consts (possibly other values than ``mod.consts``, e.g. inside a VJP).
+      *args: ``(score [tq, tk],)`` for a score_mod, then ``b [], h [], q_idx [tq], kv_idx [tk]``.
+
+    Returns:
+      [tq, tk]: the modified scores, or the bool mask.
+    """
+    n_consts = len(consts)
+    if mod.kind == "score_mod":
+        score, b, h, q_idx, kv_idx = args
+        over_k = jax.vmap(mod, in_axes=(0, None, None, None, 0) + (None,) * n_consts)
+        over_q = jax.vmap(over_k, in_axes=(0, None, None, 0, None) + (None,) * n_consts)
+        return over_q(score, b, h, q_idx, kv_idx, *consts)  # [tq, tk]
+    b, h, q_idx, kv_idx = args
+    over_k = jax.vmap(mod, in_axes=(None, None, None, 0) + (None,) * n_consts)
+    over_q = jax.vmap(over_k, in_axes=(None, None, 0, None) + (None,) * n_consts)
+    out = over_q(b, h, q_idx, kv_idx, *consts)  # [tq, tk]
+    return jnp.broadcast_to(out, (q_idx.shape[0], kv_idx.shape[0]))
