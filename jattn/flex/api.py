@@ -11,6 +11,7 @@ heads and the batch, as in ``jattn.dot_product_attention``. The mods receive glo
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -78,6 +79,43 @@ def _rows_split(x, K: int, G: int):
     return jnp.squeeze(x, tuple(i for i, ax in enumerate(axes) if ax is None)), axes
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _dense(mods, scale, q, k, v, s_consts, m_consts):
+    """q [B, T, K, G, H], k [B, S, K, H], v [B, S, K, Hv] -> (out [B, T, K, G, Hv], lse [B, T, K, G])."""
+    B, _, K, G, _ = q.shape
+
+    def one_head(q, k, v, b, h):
+        return dense_head(q, k, v, b, h, *mods, s_consts, m_consts, scale)
+
+    over_g = jax.vmap(one_head, in_axes=(1, None, None, None, 0), out_axes=(1, 1))
+    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, None, 0), out_axes=(1, 1))
+    over_b = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None))
+    return over_b(q, k, v, jnp.arange(B, dtype=jnp.int32), jnp.arange(K * G, dtype=jnp.int32).reshape(K, G))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _chunked(st: Static, q, k, v, s_consts, m_consts, rows: Rows):
+    """Like ``_dense``, block-sparse; ``rows`` holds the BlockMask arrays [Bm, Nm, ...]."""
+    B, T, K, G, _ = q.shape
+    S = k.shape[1]
+    Tp, Sp = -(-T // st.bq) * st.bq, -(-S // st.bk) * st.bk
+    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))  # [B, Tp, K, G, H]
+    k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))  # [B, Sp, K, H]
+    v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))  # [B, Sp, K, Hv]
+    split = [_rows_split(x, K, G) for x in rows]
+    rows = Rows(*(x for x, _ in split))
+    rb, rk, rg = (Rows(*(axes[n] for _, axes in split)) for n in range(3))
+
+    def one_head(q, k, v, b, h, r):
+        return flex_head(st, Inputs(q, k, v, b, h, s_consts, m_consts), r)
+
+    over_g = jax.vmap(one_head, in_axes=(1, None, None, None, 0, rg), out_axes=(1, 1))
+    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, None, 0, rk), out_axes=(1, 1))
+    over_b = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None, rb))
+    out, lse = over_b(q, k, v, jnp.arange(B, dtype=jnp.int32), jnp.arange(K * G, dtype=jnp.int32).reshape(K, G), rows)
+    return out[:, :T], lse[:, :T]  # [B, T, K, G, Hv], [B, T, K, G]
+
+
 def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask_mod: Callable | None = None,
                    block_mask: BlockMask | None = None, scale: float | None = None,
                    return_residual: bool = False, implementation: str | None = None):
@@ -123,18 +161,11 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
     q = jnp.reshape(query, (B, T, K, G, H)).astype(dt)  # [B, T, K, G, H]
     k = jnp.reshape(key, (B, S, K, H)).astype(dt)  # [B, S, K, H]
     v = jnp.reshape(value, (B, S, K, Hv)).astype(dt)  # [B, S, K, Hv]
-    b_ids = jnp.arange(B, dtype=jnp.int32)  # [B]
-    h_ids = jnp.arange(N, dtype=jnp.int32).reshape(K, G)  # [K, G]
     s_consts = () if smod is None else smod.consts
     m_consts = () if mmod is None else mmod.consts
-
+    closed = tuple(None if m is None else m._replace(consts=()) for m in (smod, mmod))
     if implementation == "xla":
-        def one_head(q, k, v, b, h):
-            return dense_head(q, k, v, b, h, smod, mmod, s_consts, m_consts, scale)
-
-        over_g = jax.vmap(one_head, in_axes=(1, None, None, None, 0), out_axes=(1, 1))
-        over_k = jax.vmap(over_g, in_axes=(1, 1, 1, None, 0), out_axes=(1, 1))
-        out, lse = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None))(q, k, v, b_ids, h_ids)
+        out, lse = _dense(closed, scale, q, k, v, s_consts, m_consts)
     else:
         if block_mask is None:
             block_mask = create_block_mask(
@@ -142,28 +173,13 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
                 N if mmod is not None and mmod.uses_h else None, T, S, block_size=DEFAULT_BLOCK_SIZE,
             )
         bq, bk = block_mask.block_size
-        nq, nk = -(-T // bq), -(-S // bk)
-        Tp, Sp = nq * bq, nk * bk
-        st = Static(T, S, bq, bk, scale, *(None if m is None else m._replace(consts=()) for m in (smod, mmod)))
-        q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))  # [B, Tp, K, G, H]
-        k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))  # [B, Sp, K, H]
-        v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))  # [B, Sp, K, Hv]
-        split = [_rows_split(x, K, G) for x in (
+        st = Static(T, S, bq, bk, scale, *closed)
+        rows = Rows(
             block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
             block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
             block_mask.full_q_num_blocks, block_mask.full_q_indices,
-        )]
-        rows = Rows(*(x for x, _ in split))
-        rb, rk, rg = (Rows(*(axes[n] for _, axes in split)) for n in range(3))
-
-        def one_head(q, k, v, b, h, r):
-            a = Inputs(q, k, v, b, h, s_consts, m_consts)
-            return flex_head(st, a, r)
-
-        over_g = jax.vmap(one_head, in_axes=(1, None, None, None, 0, rg), out_axes=(1, 1))
-        over_k = jax.vmap(over_g, in_axes=(1, 1, 1, None, 0, rk), out_axes=(1, 1))
-        out, lse = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None, rb))(q, k, v, b_ids, h_ids, rows)
-        out, lse = out[:, :T], lse[:, :T]  # [B, T, K, G, Hv], [B, T, K, G]
+        )
+        out, lse = _chunked(st, q, k, v, s_consts, m_consts, rows)
     out = jnp.reshape(out.astype(query.dtype), batch_shape + (T, N, Hv))  # [*B, T, N, Hv]
     if return_residual:
         res = jnp.reshape(lse.astype(jnp.promote_types(dt, jnp.float32)), batch_shape + (T, N))  # [*B, T, N]

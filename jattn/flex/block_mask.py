@@ -20,6 +20,7 @@ indices. A block counted nowhere is skipped entirely.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -93,15 +94,14 @@ def _counts_and_indices(flags):
     return counts, jnp.where(keep, order, jnp.where(counts[..., None] > 0, last, 0))
 
 
-def from_block_flags(partial, full, seq_lengths, block_size, mask_mod) -> BlockMask:
-    """A ``BlockMask`` from bool ``partial``/``full`` block matrices ``[B, N, nq, nk]``."""
+def block_arrays(partial, full):
+    """The eight ``BlockMask`` arrays from bool ``partial``/``full`` block matrices ``[B, N, nq, nk]``."""
     kv_num, kv_idx = _counts_and_indices(partial)
     fkv_num, fkv_idx = _counts_and_indices(full)
     partial_t, full_t = (jnp.swapaxes(x, -1, -2) for x in (partial, full))  # [B, N, nk, nq]
     q_num, q_idx = _counts_and_indices(partial_t)
     fq_num, fq_idx = _counts_and_indices(full_t)
-    return BlockMask(kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
-                     tuple(seq_lengths), tuple(block_size), mask_mod)
+    return kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx
 
 
 def _block_size_pair(block_size) -> tuple[int, int]:
@@ -117,6 +117,36 @@ def _size(name: str, x, allow_none: bool) -> int:
     if isinstance(x, bool) or not isinstance(x, int) or x < 1:
         raise ValueError(f"{name}: expected a positive int{' or None' if allow_none else ''}, got {x!r}")
     return x
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _block_arrays(mod, Bm, Nm, T, S, bq, bk, consts):
+    """The ``BlockMask`` arrays of a converted mask_mod, one [bq, S] strip of the mask at a time."""
+    nq, nk = _ceil_div(T, bq), _ceil_div(S, bk)
+
+    def one_head(b, h):
+        def q_row(i):
+            q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
+            kv_idx = jnp.arange(nk * bk, dtype=jnp.int32)  # [nk*bk]
+            real = (q_idx < T)[:, None] & (kv_idx < S)[None, :]  # [bq, nk*bk]
+            if mod is None:
+                vis = real
+            else:
+                vis = convert.on_tile(mod, consts, b, h, jnp.minimum(q_idx, T - 1),
+                                      jnp.minimum(kv_idx, S - 1)) & real  # [bq, nk*bk]
+            vis = vis.reshape(bq, nk, bk)  # [bq, nk, bk]
+            any_ = vis.any(axis=(0, 2))  # [nk]
+            # A full tile: every real row sees every key, and the tile holds no padded key.
+            all_ = (vis | ~(q_idx < T)[:, None, None]).all(axis=(0, 2)) & any_
+            all_ = all_ & ((jnp.arange(nk) + 1) * bk <= S)
+            return any_ & ~all_, all_
+
+        return jax.lax.map(q_row, jnp.arange(nq, dtype=jnp.int32))  # [nq, nk] each
+
+    over_h = jax.vmap(one_head, in_axes=(None, 0))
+    over_b = jax.vmap(over_h, in_axes=(0, None))
+    partial, full = over_b(jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32))  # [Bm, Nm, nq, nk]
+    return block_arrays(partial, full)
 
 
 def create_block_mask(mask_mod: Callable | None, B: int | None, N: int | None, T: int, S: int, *,
@@ -142,29 +172,7 @@ def create_block_mask(mask_mod: Callable | None, B: int | None, N: int | None, T
     Bm, Nm = _size("B", B, True), _size("N", N, True)
     T, S = _size("T", T, False), _size("S", S, False)
     bq, bk = _block_size_pair(block_size)
-    nq, nk = _ceil_div(T, bq), _ceil_div(S, bk)
     mod = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
-
-    def one_head(b, h):
-        def q_row(i):
-            q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
-            kv_idx = jnp.arange(nk * bk, dtype=jnp.int32)  # [nk*bk]
-            real = (q_idx < T)[:, None] & (kv_idx < S)[None, :]  # [bq, nk*bk]
-            if mod is None:
-                vis = real
-            else:
-                vis = convert.on_tile(mod, mod.consts, b, h, jnp.minimum(q_idx, T - 1),
-                                      jnp.minimum(kv_idx, S - 1)) & real  # [bq, nk*bk]
-            vis = vis.reshape(bq, nk, bk)  # [bq, nk, bk]
-            any_ = vis.any(axis=(0, 2))  # [nk]
-            # A full tile: every real row sees every key, and the tile holds no padded key.
-            all_ = (vis | ~(q_idx < T)[:, None, None]).all(axis=(0, 2)) & any_
-            all_ = all_ & ((jnp.arange(nk) + 1) * bk <= S)
-            return any_ & ~all_, all_
-
-        return jax.lax.map(q_row, jnp.arange(nq, dtype=jnp.int32))  # [nq, nk] each
-
-    over_h = jax.vmap(one_head, in_axes=(None, 0))
-    over_b = jax.vmap(over_h, in_axes=(0, None))
-    partial, full = over_b(jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32))
-    return from_block_flags(partial, full, (T, S), (bq, bk), mask_mod)  # [Bm, Nm, nq, nk]
+    closed = None if mod is None else mod._replace(consts=())
+    arrays = _block_arrays(closed, Bm, Nm, T, S, bq, bk, () if mod is None else mod.consts)
+    return BlockMask(*arrays, (T, S), (bq, bk), mask_mod)  # [Bm, Nm, nq, ...]

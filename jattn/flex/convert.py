@@ -32,13 +32,24 @@ _TRACED_CONTROL_FLOW = (
 
 
 class Converted(NamedTuple):
-    """A mod as a jaxpr over (args..., *consts), plus which index arguments it reads."""
+    """A mod as a jaxpr over (args..., *consts), plus which index arguments it reads.
+
+    Equality and hash ignore the consts and compare the jaxpr's text, so a jitted kernel
+    taking the mod as a static argument compiles once per distinct mod, not once per call.
+    """
 
     kind: str  # 'score_mod' or 'mask_mod'
-    jaxpr: Any  # jax.core.Jaxpr, hashable by identity
+    jaxpr: Any  # jax.core.Jaxpr
     consts: tuple  # the arrays the mod closed over, in jaxpr order
     uses_b: bool  # whether the batch index b reaches the output
     uses_h: bool  # whether the head index h reaches the output
+    text: str  # str(jaxpr): the identity of the mod
+
+    def __eq__(self, other):
+        return isinstance(other, Converted) and (self.kind, self.text) == (other.kind, other.text)
+
+    def __hash__(self):
+        return hash((self.kind, self.text))
 
     def __call__(self, *args_and_consts):
         """Scalar call: ``(*args, *consts) -> out``."""
@@ -113,7 +124,8 @@ def convert(kind: str, mod: Callable, score_dtype=jnp.float32) -> Converted:
     invars = closed.jaxpr.invars
     b_var, h_var = (invars[1], invars[2]) if kind == "score_mod" else (invars[0], invars[1])
     return Converted(
-        kind, closed.jaxpr, tuple(closed.consts), _reads(closed.jaxpr, b_var), _reads(closed.jaxpr, h_var)
+        kind, closed.jaxpr, tuple(closed.consts), _reads(closed.jaxpr, b_var), _reads(closed.jaxpr, h_var),
+        str(closed.jaxpr),
     )
 
 

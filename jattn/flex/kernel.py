@@ -69,8 +69,8 @@ def _rows(x, i, size):
 
 def _ids(st: Static, i, j):
     """Clamped global indices the mods see, and which rows/keys are real: [bq], [bk]."""
-    q_ids = i * st.bq + jnp.arange(st.bq, dtype=jnp.int32)  # [bq]
-    kv_ids = j * st.bk + jnp.arange(st.bk, dtype=jnp.int32)  # [bk]
+    q_ids = (i * st.bq).astype(jnp.int32) + jnp.arange(st.bq, dtype=jnp.int32)  # [bq]
+    kv_ids = (j * st.bk).astype(jnp.int32) + jnp.arange(st.bk, dtype=jnp.int32)  # [bk]
     real = (q_ids < st.T)[:, None] & (kv_ids < st.S)[None, :]  # [bq, bk]
     return jnp.minimum(q_ids, st.T - 1), jnp.minimum(kv_ids, st.S - 1), real
 
@@ -132,7 +132,7 @@ def _forward(st: Static, a: Inputs, r: Rows):
         lse = jnp.where(seen, m + jnp.log(safe_l), jnp.where(jnp.isnan(l), jnp.nan, -jnp.inf))
         return out, lse
 
-    out, lse = jax.lax.map(q_block, jnp.arange(nq))  # [nq, bq, d_v], [nq, bq]
+    out, lse = jax.lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))  # [nq, bq, d_v], [nq, bq]
     return out.reshape(nq * st.bq, d_v), lse.reshape(nq * st.bq)  # [Tp, d_v], [Tp]
 
 
@@ -204,7 +204,7 @@ def _bwd(st: Static, res, cotangents):
         return (dq_all, dconsts), (dk, dv)
 
     floats0 = tuple(jnp.zeros_like(c) for c, f in zip(a.score_consts, is_float) if f)
-    (dq, dfloats), (dk, dv) = jax.lax.scan(kv_block, (jnp.zeros_like(a.q), floats0), jnp.arange(nk))
+    (dq, dfloats), (dk, dv) = jax.lax.scan(kv_block, (jnp.zeros_like(a.q), floats0), jnp.arange(nk, dtype=jnp.int32))
     it = iter(dfloats)
     d_score_consts = tuple(next(it) if f else None for f in is_float)
     grads = Inputs(
