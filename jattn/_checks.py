@@ -96,6 +96,11 @@ def concrete_number(name: str, x: Any, *, low: float | None = None, high: float 
     return value
 
 
+def default_scale(head_dim: int) -> float:
+    """``1/sqrt(head_dim)``; 1 for ``head_dim = 0`` (every score is then 0 whatever the scale)."""
+    return 1.0 / head_dim**0.5 if head_dim else 1.0
+
+
 def window(name: str, w: Any) -> tuple[int, int]:
     """``int`` or ``(left, right)`` of non-negative ints -> ``(left, right)``."""
     pair = (w, w) if isinstance(w, (int, np.integer)) else w

@@ -32,22 +32,25 @@ def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
 def masked_softmax(logits: jax.Array, visible: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Row softmax over the visible entries and the row logsumexp: [T, S] -> ([T, S], [T]).
 
-    A row with nothing visible gives weights 0 and logsumexp -inf. ``visible=None`` means
-    every entry is visible. The JVP is the closed form ``w ∘ (dx - Σ w dx)``, which keeps
-    reverse mode as cheap as jax.nn.softmax's and lets grad, jvp and vjp all compose.
+    A row with nothing visible gives weights 0 and logsumexp -inf; a NaN among a row's
+    visible logits makes its weights and logsumexp NaN. ``visible=None`` means every entry is
+    visible. The JVP is the closed form ``w ∘ (dx - Σ w dx)``, which keeps reverse mode as
+    cheap as jax.nn.softmax's and lets grad, jvp and vjp all compose.
     """
+    if logits.shape[-1] == 0:  # no key at all: every row sees nothing
+        return logits, jnp.sum(logits, axis=-1) - jnp.inf  # [T] of -inf, batched like logits
     if visible is None:
         row_max = jnp.max(logits, axis=-1, keepdims=True)  # [T, 1]
         p = jnp.exp(logits - row_max)  # [T, S]
     else:
         row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)  # [T, 1]
-        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)  # NaN stays NaN
         # Mask before exp: a hidden logit far above the row max must not overflow.
         p = jnp.exp(jnp.where(visible, logits - row_max, -jnp.inf))  # [T, S]
     total = jnp.sum(p, axis=-1, keepdims=True)  # [T, 1]
-    seen = total > 0
-    safe = jnp.where(seen, total, 1.0)
-    lse = jnp.where(seen, row_max + jnp.log(safe), -jnp.inf)[:, 0]  # [T]
+    empty = total == 0  # NaN totals are not empty: they propagate
+    safe = jnp.where(empty, 1.0, total)
+    lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(safe))[:, 0]  # [T]
     return p / safe, lse
 
 
@@ -85,7 +88,7 @@ def attention_head(
     hidden_by_bias = None
     if bias is not None:
         logits = logits + bias.astype(f32)
-        hidden_by_bias = jnp.broadcast_to(bias > -jnp.inf, (T, S))  # scores are finite: only a -inf bias hides
+        hidden_by_bias = jnp.broadcast_to(bias != -jnp.inf, (T, S))  # only -inf hides; NaN propagates
     tile = structure.tile(jnp.arange(T), jnp.arange(S))
     visible = combine_masks(hidden_by_bias, mask, tile)
     if visible is not None:
@@ -134,7 +137,7 @@ def attention(
         _checks.floating("bias", bias)
         _checks.broadcastable("bias", bias, (T, S), "[T, S]")
         bias = jnp.broadcast_to(bias, (T, S))
-    scale = 1.0 / d_k**0.5 if scale is None else _checks.concrete_number("scale", scale)
+    scale = _checks.default_scale(d_k) if scale is None else _checks.concrete_number("scale", scale)
     if logits_soft_cap is not None:
         logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
     res = attention_head(q, k, v, mask, bias, None, StructuredMask(), scale, logits_soft_cap)

@@ -11,17 +11,19 @@ API (stable):
 
 - ``tile_logits(q_blk, k_blk, bias_tile, mask_tile, structure_tile, scale, cap)
   -> (logits [tq, tk], visible [tq, tk] | None)``: ``soft_cap(q kᵀ · scale) + bias`` and the
-  keys each row may see (``mask_tile & structure_tile & logits > -inf``). ``visible`` is None
+  keys each row may see (``mask_tile & structure_tile & bias != -inf``: only a ``-inf`` bias
+  hides a key, a NaN logit stays visible and propagates). ``visible`` is None
   when nothing can hide a key (no bias, no mask tile, no structure tile). Every tile argument
   may be None. ``structure_tile`` is what ``StructuredMask.tile(q_idx, k_idx)`` returns for
   the tile's global row/column indices, combined with any padding mask by the caller.
-- ``init_carry(tq, d_v) -> (m [tq], l [tq], acc [tq, d_v])``: the empty online-softmax state
-  (running max ``-inf``, running sum 0, unnormalised output 0).
+- ``init_carry(tq, d_v, dtype=float32) -> (m [tq], l [tq], acc [tq, d_v])``: the empty
+  online-softmax state (running max ``-inf``, running sum 0, unnormalised output 0) in the
+  accumulation dtype (float64 for float64 inputs).
 - ``forward_block(carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, structure_tile, scale, cap)
   -> carry``: folds one key block into the state. Visiting the key blocks of a row in any
   order gives the same result up to rounding; blocks that a row cannot see may be skipped.
 - ``finalize(carry) -> (out [tq, d_v], lse [tq])``: ``out = acc / l``; a row that saw no key
-  gives ``out = 0`` and ``lse = -inf``.
+  gives ``out = 0`` and ``lse = -inf``; a row that saw a NaN logit gives NaN for both.
 - ``backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, mask_tile,
   structure_tile, scale, cap) -> (dq [tq, d_k], dk [tk, d_k], dv [tk, d_v], dbias [tq, tk] | None)``:
   the FlashAttention-2 backward of one tile, given the forward's logsumexp ``lse_blk [tq]`` and
@@ -29,7 +31,8 @@ API (stable):
   0 when only ``out`` is used). Summing the tile results over all visible tiles gives the full
   gradients; ``dbias`` is None when ``bias_tile`` is.
 
-All arithmetic is fp32; callers cast inputs to fp32 first.
+All arithmetic runs in the dtype of the inputs; callers cast them to fp32 first (float64
+stays float64).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def _capped_scores(q_blk, k_blk, scale: float, cap: float | None):
 
 def _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile):
     logits = scores if bias_tile is None else scores + bias_tile
-    hidden_by_bias = None if bias_tile is None else logits > -jnp.inf  # [tq, tk]
+    # Only a -inf bias hides a key: a NaN logit (from q, k or bias) is visible and propagates.
+    hidden_by_bias = None if bias_tile is None else bias_tile != -jnp.inf  # [tq, tk]
     return logits, combine_masks(hidden_by_bias, mask_tile, structure_tile)
 
 
@@ -63,11 +67,11 @@ def tile_logits(q_blk, k_blk, bias_tile, mask_tile, structure_tile, scale: float
     return _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile)
 
 
-def init_carry(tq: int, d_v: int) -> Carry:
+def init_carry(tq: int, d_v: int, dtype=jnp.float32) -> Carry:
     return (
-        jnp.full((tq,), -jnp.inf, jnp.float32),
-        jnp.zeros((tq,), jnp.float32),
-        jnp.zeros((tq, d_v), jnp.float32),
+        jnp.full((tq,), -jnp.inf, dtype),
+        jnp.zeros((tq,), dtype),
+        jnp.zeros((tq, d_v), dtype),
     )
 
 
@@ -75,11 +79,13 @@ def forward_block(carry: Carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, struc
                   scale: float, cap: float | None) -> Carry:
     """One online-softmax step: rescale the running state to the new row max, add this block."""
     m, l, acc = carry
+    if k_blk.shape[0] == 0:  # an empty key block changes nothing
+        return carry
     logits, visible = tile_logits(q_blk, k_blk, bias_tile, mask_tile, structure_tile, scale, cap)
     if visible is not None:
         logits = jnp.where(visible, logits, -jnp.inf)  # [tq, tk]
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [tq]
-    m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)  # a row with nothing visible yet stays at 0
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing visible yet: 0; NaN stays NaN
     p = jnp.exp(logits - m_safe[:, None])  # [tq, tk]; exactly 0 where hidden
     alpha = jnp.exp(m - m_safe)  # [tq]; 0 while m is still -inf
     l = alpha * l + jnp.sum(p, axis=-1)
@@ -88,12 +94,12 @@ def forward_block(carry: Carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, struc
 
 
 def finalize(carry: Carry) -> tuple[jax.Array, jax.Array]:
-    """(out [tq, d_v], lse [tq]); rows that saw nothing give 0 and -inf."""
+    """(out [tq, d_v], lse [tq]); rows that saw nothing give 0 and -inf, NaN stays NaN."""
     m, l, acc = carry
-    seen = l > 0
-    safe_l = jnp.where(seen, l, 1.0)
+    empty = l == 0
+    safe_l = jnp.where(empty, 1.0, l)
     out = acc / safe_l[:, None]  # [tq, d_v]
-    lse = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))
     return out, lse
 
 
@@ -103,7 +109,7 @@ def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, m
     scores, t = _capped_scores(q_blk, k_blk, scale, cap)
     logits, visible = _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile)
     # A row with lse = -inf saw no key: subtracting +inf makes its P exactly 0.
-    lse_safe = jnp.where(lse_blk > -jnp.inf, lse_blk, jnp.inf)  # [tq]
+    lse_safe = jnp.where(lse_blk == -jnp.inf, jnp.inf, lse_blk)  # [tq]; a NaN lse stays NaN
     shifted = logits - lse_safe[:, None]  # [tq, tk]
     if visible is not None:
         shifted = jnp.where(visible, shifted, -jnp.inf)  # mask before exp: no overflow when hidden

@@ -185,7 +185,7 @@ def _forward(st: _Static, a: _Inputs):
             tiles = _tile_masks(st, a, i, j, masked)
             return blockwise.forward_block(carry, q_blk, k_blk, v_blk, *tiles, st.scale, st.cap)
 
-        carry = _three_loops(_kv_blocks_of(st, i), step, blockwise.init_carry(st.bq, d_v))
+        carry = _three_loops(_kv_blocks_of(st, i), step, blockwise.init_carry(st.bq, d_v, a.q.dtype))
         return blockwise.finalize(carry)
 
     out, lse = jax.lax.map(q_block, jnp.arange(nq))  # [nq, bq, d_v], [nq, bq]
@@ -258,17 +258,20 @@ def chunked_head(q, k, v, mask, bias, keep, structure: StructuredMask, *, scale,
     if keep is not None:
         raise ValueError("keep: dropout is not supported by implementation='chunked' (use 'xla')")
     T, S = q.shape[0], k.shape[0]
+    if T == 0 or S == 0:  # nothing to compute: a row that sees no key is 0
+        acc = jnp.promote_types(q.dtype, jnp.float32)
+        return jnp.zeros((T, v.shape[1]), q.dtype), None, jnp.full((T,), -jnp.inf, acc)
     bq, bk = block_sizes_for(T, S, block_sizes)
     st = _Static(T, S, bq, bk, scale, logits_soft_cap, structure.is_causal, structure.offset,
                  structure.window)
     Tp, Sp = _ceil_div(T, bq) * bq, _ceil_div(S, bk) * bk
-    f32 = jnp.float32
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # fp32, or float64 for float64 inputs
     a = _Inputs(
-        q=_pad_to(q.astype(f32), (Tp, q.shape[1]), 0),
-        k=_pad_to(k.astype(f32), (Sp, k.shape[1]), 0),
-        v=_pad_to(v.astype(f32), (Sp, v.shape[1]), 0),
+        q=_pad_to(q.astype(acc), (Tp, q.shape[1]), 0),
+        k=_pad_to(k.astype(acc), (Sp, k.shape[1]), 0),
+        v=_pad_to(v.astype(acc), (Sp, v.shape[1]), 0),
         mask=_pad_to(mask, (Tp, Sp), False),
-        bias=None if bias is None else _pad_to(bias.astype(f32), (Tp, Sp), 0),
+        bias=None if bias is None else _pad_to(bias.astype(acc), (Tp, Sp), 0),
         q_length=structure.q_length,
         kv_length=structure.kv_length,
         q_segment_ids=structure.q_segment_ids,

@@ -271,7 +271,7 @@ def dot_product_attention(
     kv_seg = _per_batch(kv_segment_ids, "kv_segment_ids", _checks.integer, batch_shape, (S,), "[*B, S]")
     window = None if local_window_size is None else _checks.window("local_window_size", local_window_size)
     _checks.choice("causal_alignment", causal_alignment, ("top_left", "bottom_right"))
-    scale = 1.0 / H**0.5 if scale is None else _checks.concrete_number("scale", scale)
+    scale = _checks.default_scale(H) if scale is None else _checks.concrete_number("scale", scale)
     if logits_soft_cap is not None:
         logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
     dropout_rate = _checks.concrete_number("dropout_rate", dropout_rate, low=0, high=1, high_open=True)

@@ -484,7 +484,7 @@ def _forward(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg):
     Hv = v.shape[-1]
     qs = _Queries(q.astype(_compute_dtype(q.dtype)), q_len, kv_len, q_seg)
     # The empty online-softmax state; *_like keeps the shard_map variance of q.
-    m = jnp.full_like(qs.q[..., 0], -jnp.inf)  # [B, Tl, K, G]
+    m = jnp.full_like(jnp.sum(qs.q, axis=-1), -jnp.inf)  # [B, Tl, K, G]; H may be 0
     l = jnp.zeros_like(m)  # [B, Tl, K, G]
     acc = jnp.zeros_like(m, shape=m.shape + (Hv,))  # [B, Tl, K, G, Hv]
 
@@ -614,7 +614,7 @@ def ring_attention(
                     f"(sequence length divisible by 2 x {P}), got {L} local rows"
                 )
     H = query.shape[-1]
-    scale = 1.0 / H**0.5 if scale is None else _checks.concrete_number("scale", scale)
+    scale = _checks.default_scale(H) if scale is None else _checks.concrete_number("scale", scale)
     if logits_soft_cap is not None:
         logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
     window = None if local_window_size is None else _checks.window("local_window_size", local_window_size)

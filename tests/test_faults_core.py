@@ -1,0 +1,302 @@
+"""Fault behaviour of the attention core (issue 12): NaN is an error signal, never a mask;
+float64 accumulates in float64; empty inputs give empty or zero results; clear errors.
+
+Every path is checked the same way: 'xla', 'chunked' (with small blocks, so that a NaN sits
+in a later key block than the row's first one) and ring attention (on one device here; the
+multi-device ring runs in tests/ring_checks.py). The NaN patterns are compared with jax.nn,
+and float64 results with a naive NumPy float64 reference.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jattn
+from reference import naive_attention
+
+B, T, S, N, K, H = 2, 5, 7, 4, 2, 3  # odd sizes, GQA
+PATHS = {
+    "xla": dict(implementation="xla"),
+    "chunked": dict(implementation="chunked", block_sizes=(2, 3)),  # 3 query, 3 key blocks
+}
+
+
+def _inputs(seed=0, dtype=np.float32, t=T, s=S):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, t, N, H)).astype(dtype)
+    k = rng.standard_normal((B, s, K, H)).astype(dtype)
+    v = rng.standard_normal((B, s, K, H)).astype(dtype)
+    return q, k, v
+
+
+def _nan_rows(out):
+    """bool [B, T, N]: which output rows hold a NaN."""
+    return np.isnan(np.asarray(out)).any(axis=-1)
+
+
+def _jax_nn(q, k, v, **kw):
+    G = N // K
+    return jax.nn.dot_product_attention(q, jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2), **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# NaN propagates; only -inf (and masks, lengths, windows, segments) hides an entry.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_all_nan_bias_gives_nan_outputs_and_gradients(path):
+    q, k, v = _inputs()
+    bias = jnp.full((B, N, T, S), jnp.nan)
+    out = jattn.dot_product_attention(q, k, v, bias=bias, **PATHS[path])
+    assert np.isnan(np.asarray(out)).all()
+    assert np.isnan(np.asarray(_jax_nn(q, k, v, bias=bias))).all()
+    loss = lambda q, b: jnp.sum(jattn.dot_product_attention(q, k, v, bias=b, **PATHS[path]))
+    dq, db = jax.grad(loss, argnums=(0, 1))(q, bias)
+    assert np.isnan(np.asarray(dq)).all() and np.isnan(np.asarray(db)).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_one_nan_bias_entry_poisons_exactly_its_row(path):
+    q, k, v = _inputs(1)
+    bias = np.zeros((B, N, T, S), np.float32)
+    bias[1, 2, 3, 5] = np.nan  # batch 1, head 2, query 3, key 5 (third key block)
+    out = jattn.dot_product_attention(q, k, v, bias=bias, **PATHS[path])
+    expected = np.zeros((B, T, N), bool)
+    expected[1, 3, 2] = True
+    np.testing.assert_array_equal(_nan_rows(out), expected)
+    np.testing.assert_array_equal(_nan_rows(_jax_nn(q, k, v, bias=bias)), expected)
+    clean = jattn.dot_product_attention(q, k, v, bias=np.nan_to_num(bias), **PATHS[path])
+    np.testing.assert_allclose(np.where(expected[..., None], 0, out), np.where(expected[..., None], 0, clean),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_bias_entry_hidden_by_mask_or_lengths_stays_hidden(path):
+    q, k, v = _inputs(2)
+    bias = np.zeros((B, N, T, S), np.float32)
+    bias[:, :, :, 6] = np.nan  # the last key: hidden by the mask below and by the kv lengths
+    mask = np.ones((B, N, T, S), bool)
+    mask[..., 6] = False
+    clean = jattn.dot_product_attention(q, k[:, :6], v[:, :6], **PATHS[path])
+    by_mask = jattn.dot_product_attention(q, k, v, bias=bias, mask=mask, **PATHS[path])
+    by_len = jattn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=jnp.array([6, 6]),
+                                         **PATHS[path])
+    np.testing.assert_allclose(by_mask, clean, atol=1e-6)
+    np.testing.assert_allclose(by_len, clean, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_nan_query_row_is_nan_and_nothing_else(path, with_bias):
+    q, k, v = _inputs(3)
+    q[0, 4, 1, 0] = np.nan  # batch 0, query 4 (last, partial block), head 1
+    bias = np.zeros((B, N, T, S), np.float32) if with_bias else None
+    out = jattn.dot_product_attention(q, k, v, bias=bias, is_causal=True, **PATHS[path])
+    expected = np.zeros((B, T, N), bool)
+    expected[0, 4, 1] = True
+    np.testing.assert_array_equal(_nan_rows(out), expected)
+    np.testing.assert_array_equal(_nan_rows(_jax_nn(q, k, v, bias=bias, is_causal=True)), expected)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_nan_key_poisons_the_rows_that_see_it(path, with_bias):
+    q, k, v = _inputs(4)
+    k[1, 3, 0, 2] = np.nan  # batch 1, key 3 (second key block), kv head 0 = query heads 0, 1
+    bias = np.zeros((B, N, T, S), np.float32) if with_bias else None
+    out = jattn.dot_product_attention(q, k, v, bias=bias, is_causal=True, **PATHS[path])
+    expected = np.zeros((B, T, N), bool)
+    expected[1, 3:, :2] = True  # causal: queries 3 and 4 see key 3
+    np.testing.assert_array_equal(_nan_rows(out), expected)
+    np.testing.assert_array_equal(_nan_rows(_jax_nn(q, k, v, bias=bias, is_causal=True)), expected)
+
+
+def test_single_head_attention_propagates_nan_bias():
+    q, k, v = (x[0, :, 0] for x in _inputs(5))
+    bias = np.zeros((T, S), np.float32)
+    bias[2, 4] = np.nan
+    out, w = jattn.attention(q, k, v, bias=bias, return_weights=True)
+    np.testing.assert_array_equal(np.isnan(np.asarray(out)).any(-1), np.arange(T) == 2)
+    assert np.isnan(np.asarray(w)[2]).all() and not np.isnan(np.asarray(w)[[0, 1, 3, 4]]).any()
+
+
+def test_nan_logsumexp_residual_and_weights():
+    q, k, v = _inputs(6)
+    bias = np.zeros((B, N, T, S), np.float32)
+    bias[0, 0, 1, 0] = np.nan
+    for path in PATHS:
+        _, lse = jattn.dot_product_attention(q, k, v, bias=bias, return_residual=True, **PATHS[path])
+        assert np.isnan(np.asarray(lse)[0, 1, 0]) and np.isnan(np.asarray(lse)).sum() == 1, path
+    _, w = jattn.dot_product_attention(q, k, v, bias=bias, return_weights=True)
+    assert np.isnan(np.asarray(w)[0, 0, 1]).all() and np.isnan(np.asarray(w)).sum() == S
+
+
+def test_module_propagates_nan_identically_on_xla_and_chunked():
+    from flax import nnx
+
+    x = np.random.default_rng(7).standard_normal((2, 9, 6)).astype(np.float32)
+    x[1, 4, 0] = np.nan  # one token of the second sequence
+    outs = {}
+    for impl in ("xla", "chunked"):
+        m = jattn.nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, decode=False,
+                                         implementation=impl, rngs=nnx.Rngs(0))
+        outs[impl] = np.asarray(m(x))
+    expected = np.zeros((2, 9), bool)
+    expected[1] = True  # every token of the second sequence sees the NaN token
+    for impl, out in outs.items():
+        np.testing.assert_array_equal(np.isnan(out).any(-1), expected, err_msg=impl)
+    np.testing.assert_allclose(outs["chunked"], outs["xla"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# float64 accumulates in float64 on every path.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_float64_is_accurate_to_float64(path):
+    with jax.enable_x64(True):
+        q, k, v = _inputs(8, np.float64)
+        ref, _, _ = naive_attention(q, k, v, is_causal=True)
+        out = jattn.dot_product_attention(q, k, v, is_causal=True, **PATHS[path])
+        assert out.dtype == jnp.float64
+        assert float(np.max(np.abs(np.asarray(out) - ref))) < 1e-12
+        # Gradients against the (float64) 'xla' path.
+        loss = lambda impl: (lambda q, k, v: jnp.sum(jnp.sin(jattn.dot_product_attention(
+            q, k, v, is_causal=True, **PATHS[impl]))))
+        got = jax.grad(loss(path), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+        for g, w in zip(got, want):
+            assert g.dtype == jnp.float64 and float(jnp.max(jnp.abs(g - w))) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------
+# Empty inputs.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [*PATHS, "auto"])
+def test_no_keys_gives_zeros_and_zero_gradients(path):
+    q, k, v = _inputs(9, s=0)
+    kw = PATHS.get(path, {})
+    out, lse = jattn.dot_product_attention(q, k, v, return_residual=True, **kw)
+    assert out.shape == (B, T, N, H)
+    np.testing.assert_array_equal(out, 0)
+    np.testing.assert_array_equal(lse, -np.inf)
+    dq = jax.grad(lambda q: jnp.sum(jattn.dot_product_attention(q, k, v, **kw)))(q)
+    np.testing.assert_array_equal(dq, 0)
+
+
+@pytest.mark.parametrize("path", [*PATHS, "auto"])
+@pytest.mark.parametrize("shape", ["T=0", "B=0", "Hv=0", "N=0"])
+def test_empty_shapes_give_empty_results(path, shape):
+    q, k, v = _inputs(10)
+    if shape == "T=0":
+        q = q[:, :0]
+    elif shape == "B=0":
+        q, k, v = q[:0], k[:0], v[:0]
+    elif shape == "Hv=0":
+        v = v[..., :0]
+    else:
+        q = q[:, :, :0]
+    out = jattn.dot_product_attention(q, k, v, is_causal=True, **PATHS.get(path, {}))
+    assert out.shape == q.shape[:-1] + (v.shape[-1],) and out.size == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_zero_head_dim_scores_are_zero_so_weights_are_uniform(path):
+    q, k, v = _inputs(11)
+    out = jattn.dot_product_attention(q[..., :0], k[..., :0], v, is_causal=True, **PATHS[path])
+    ref, _, _ = naive_attention(q[..., :0], k[..., :0], v, scale=1.0, is_causal=True)
+    np.testing.assert_allclose(out, ref, atol=1e-6)  # row t: the mean of v[:t + 1]
+
+
+def test_single_head_attention_with_no_keys_is_zero():
+    q, k, v = (x[0, :, 0] for x in _inputs(12, s=0))
+    out, w = jattn.attention(q, k, v, return_weights=True)
+    assert out.shape == (T, H) and w.shape == (T, 0)
+    np.testing.assert_array_equal(out, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Ring attention (one device: the multi-device ring is tests/ring_checks.py's job).
+# ----------------------------------------------------------------------------------------
+
+
+def _ring(q, k, v, **kw):
+    mesh = jax.make_mesh((1,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = P(None, "seq")
+    fn = jax.shard_map(lambda q, k, v: jattn.ring_attention(q, k, v, axis_name="seq", **kw),
+                       mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+    return jax.jit(fn)(q, k, v)
+
+
+def test_ring_propagates_nan_like_the_other_paths():
+    q, k, v = _inputs(13, s=T)
+    q[0, 1, 3, 0] = np.nan
+    k[1, 2, 1, 1] = np.nan  # kv head 1 = query heads 2, 3
+    out = _ring(q, k, v, is_causal=True)
+    expected = np.zeros((B, T, N), bool)
+    expected[0, 1, 3] = True
+    expected[1, 2:, 2:] = True
+    np.testing.assert_array_equal(_nan_rows(out), expected)
+    np.testing.assert_array_equal(_nan_rows(jattn.dot_product_attention(q, k, v, is_causal=True)), expected)
+
+
+def test_ring_float64_is_accurate_to_float64():
+    with jax.enable_x64(True):
+        q, k, v = _inputs(14, np.float64, s=T)
+        ref, _, _ = naive_attention(q, k, v, is_causal=True)
+        out = _ring(q, k, v, is_causal=True)
+        assert out.dtype == jnp.float64
+        assert float(np.max(np.abs(np.asarray(out) - ref))) < 1e-12
+        dq = jax.grad(lambda q: jnp.sum(jnp.sin(_ring(q, k, v, is_causal=True))))(q)
+        want = jax.grad(lambda q: jnp.sum(jnp.sin(jattn.dot_product_attention(q, k, v, is_causal=True))))(q)
+        assert dq.dtype == jnp.float64 and float(jnp.max(jnp.abs(dq - want))) < 1e-12
+
+
+def test_ring_zero_head_dim():
+    q, k, v = _inputs(15, s=T)
+    out = _ring(q[..., :0], k[..., :0], v)
+    ref, _, _ = naive_attention(q[..., :0], k[..., :0], v, scale=1.0)
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+_RING_SCRIPT = r"""
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+import jattn
+jax.config.update("jax_enable_x64", True)
+mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+spec = P(None, "seq")
+ring = jax.jit(jax.shard_map(lambda q, k, v: jattn.ring_attention(q, k, v, axis_name="seq", is_causal=True),
+                             mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 8, 2, 3)) for _ in range(3))
+ref = jattn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+err64 = float(jnp.max(jnp.abs(ring(q, k, v) - ref)))
+k[0, 5, 1, 0] = np.nan  # key 5 sits on device 2: rows 5..7 of head 1 see it
+nan_rows = np.isnan(np.asarray(ring(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32)))).any(-1)
+print(json.dumps(dict(err64=err64, nan_rows=nan_rows[0].tolist())))
+"""
+
+
+def test_multi_device_ring_float64_and_nan():
+    proc = subprocess.run([sys.executable, "-c", _RING_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["err64"] < 1e-12, r
+    expected = np.zeros((8, 2), bool)
+    expected[5:, 1] = True
+    np.testing.assert_array_equal(np.array(r["nan_rows"]), expected)
