@@ -7,8 +7,10 @@ H key head dim, Hv value head dim.
 
 1. ``return_weights=True`` or active dropout -> ``'xla'`` (the only path that materialises
    the weights; ``'chunked'`` never holds them).
-2. An NVIDIA GPU and every cuDNN constraint holds (see ``cudnn_problems``) -> ``'cudnn'``
-   (``jax.nn.dot_product_attention(implementation='cudnn')`` on all heads at once).
+2. An NVIDIA GPU, every cuDNN constraint holds (see ``cudnn_problems``) and no ``bias`` ->
+   ``'cudnn'`` (``jax.nn.dot_product_attention(implementation='cudnn')`` on all heads at
+   once). A bias can hide every key of a row with ``-inf``, where cuDNN does not return
+   jattn's 0, so the automatic choice never sends one to cuDNN.
 3. ``T * S >= CHUNKED_MIN_TS`` (512·1024) -> ``'chunked'`` (memory-linear flash attention),
    else ``'xla'``. Measured on the 2-core CPU (fp32, B=1, N=8, H=64, medians of interleaved
    runs): at T = S = 512 'xla' is 1.0-1.3x jax.nn's speed forward and 0.7-1.2x
@@ -19,8 +21,11 @@ H key head dim, Hv value head dim.
 A named implementation runs as asked, with two exceptions: ``'chunked'`` with
 ``return_weights`` or dropout falls back to ``'xla'`` with a ``UserWarning`` (the result is
 exact, only the memory saving is lost), and ``'cudnn'`` where it cannot run raises a
-``ValueError`` listing every unmet constraint. ``explain_implementation`` reports the choice
-and the reason for any call without running it.
+``ValueError`` listing every unmet constraint. An explicit ``'cudnn'`` with a ``bias`` repairs
+the rows whose visible bias entries are all ``-inf`` to jattn's result (output 0, logsumexp
+``-inf``, zero gradients): they are found from the bias, cuDNN runs them with bias 0 and
+their output is replaced by 0. ``explain_implementation``
+reports the choice and the reason for any call without running it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 
 from jattn.attention import attention_head
 from jattn.chunked import chunked_head
+from jattn.masks import StructuredMask
 from jattn.multihead import (
     Arrays, Config, dot_product_attention, register_implementation,
     register_multihead_implementation,
@@ -54,8 +60,12 @@ def _xla_head(q, k, v, mask, bias, keep, structure, *, scale, logits_soft_cap, b
 def _cudnn_call(config: Config, a: Arrays):
     """All heads through jax.nn's cuDNN path; returns out [B, T, K, G, Hv], lse [B, T, K, G]."""
     B, T, K, G, H = a.query.shape
-    bias = a.bias
+    bias, empty = a.bias, None
     if bias is not None:
+        # Rows whose visible bias is all -inf must give 0: cuDNN sees bias 0 there (finite
+        # forward and backward) and the output is zeroed below.
+        empty = _rows_emptied_by_bias(config, bias)  # [Bm, T, Km, Gm]
+        bias = jnp.where(jnp.moveaxis(empty, 1, -1)[..., None], jnp.zeros((), bias.dtype), bias)
         Bm, Km, Gm = bias.shape[:3]
         bias = jnp.reshape(bias, (Bm, Km * Gm) + bias.shape[3:])  # [Bm, N|1, T, S]
     out, lse = jax.nn.dot_product_attention(
@@ -64,7 +74,22 @@ def _cudnn_call(config: Config, a: Arrays):
         implementation="cudnn", return_residual=True,
     )
     out = jnp.reshape(out, (B, T, K, G, H))  # [B, T, K, G, H]
-    return out, jnp.reshape(lse.astype(jnp.float32), (B, T, K, G))  # [B, T, K, G]
+    lse = jnp.reshape(lse.astype(jnp.float32), (B, T, K, G))  # [B, T, K, G]
+    if empty is not None:
+        out = jnp.where(empty[..., None], jnp.zeros((), out.dtype), out)
+        lse = jnp.where(empty, -jnp.inf, lse)
+    return out, lse
+
+
+def _rows_emptied_by_bias(config: Config, bias):
+    """[Bm, Km, Gm, T, S] bias -> bool [Bm, T, Km, Gm]: rows whose visible entries are all -inf."""
+    T, S = bias.shape[-2:]
+    structure = StructuredMask(config.is_causal, config.offset, config.window)
+    visible = structure.tile(jnp.arange(T), jnp.arange(S))  # [T, S] or None
+    hidden = bias == -jnp.inf  # [Bm, Km, Gm, T, S]
+    if visible is not None:
+        hidden = hidden | ~visible
+    return jnp.moveaxis(jnp.all(hidden, axis=-1), -1, 1)  # [Bm, T, Km, Gm]
 
 
 register_implementation("xla", _xla_head)
@@ -101,6 +126,7 @@ def cudnn_problems(config: Config, arrays: Arrays, *, return_weights: bool) -> l
         (dtype in (jnp.float16, jnp.bfloat16), f"needs float16 or bfloat16, got {dtype}"),
         (H == Hv, f"needs value head dim == key head dim, got {Hv} != {H}"),
         (H in CUDNN_HEAD_DIMS, f"needs a head dim that is a multiple of 8 up to 128, got {H}"),
+        (min(B, T, S, K, G) > 0, f"needs non-empty inputs, got B={B}, T={T}, S={S}, N={K * G}"),
         (arrays.mask is None, "does not take a dense mask (use lengths, causal or bias)"),
         (arrays.q_lengths is None and arrays.kv_lengths is None,
          "does not take sequence lengths (rows past a length would not be 0)"),
@@ -136,12 +162,15 @@ def choose(implementation: str | None, config: Config, arrays: Arrays, *, return
         return Choice("xla", f"{what} needs the materialised weights, which only 'xla' has")
     if implementation == "chunked":
         return Choice("chunked", "requested")
+    note = ""
     if not cudnn_problems(config, arrays, return_weights=return_weights):
-        return Choice("cudnn", "NVIDIA GPU and every cuDNN constraint holds")
+        if arrays.bias is None:
+            return Choice("cudnn", "NVIDIA GPU and every cuDNN constraint holds")
+        note = " (not 'cudnn': a -inf bias could hide every key of a row, where cuDNN does not give 0)"
     T, S = arrays.query.shape[1], arrays.key.shape[1]
     if T * S >= CHUNKED_MIN_TS:
-        return Choice("chunked", f"T*S = {T}*{S} >= {CHUNKED_MIN_TS}: long sequences")
-    return Choice("xla", f"T*S = {T}*{S} < {CHUNKED_MIN_TS}: short sequences")
+        return Choice("chunked", f"T*S = {T}*{S} >= {CHUNKED_MIN_TS}: long sequences{note}")
+    return Choice("xla", f"T*S = {T}*{S} < {CHUNKED_MIN_TS}: short sequences{note}")
 
 
 # explain_implementation collects the choices made while it traces a call.

@@ -77,8 +77,12 @@ def fake_gpu(monkeypatch):
 def test_auto_picks_cudnn_when_every_constraint_holds(fake_gpu):
     choice = jattn.explain_implementation(*_shapes(1024, dtype=jnp.bfloat16), is_causal=True)
     assert choice.implementation == "cudnn"
-    assert jattn.explain_implementation(*_shapes(1024, dtype=jnp.float16), bias=jnp.zeros((1, 8, 1024, 1024))
-                                        ).implementation == "cudnn"
+    assert jattn.explain_implementation(*_shapes(1024, dtype=jnp.float16)).implementation == "cudnn"
+    # A bias could hide a whole row with -inf, where cuDNN does not return 0: never automatic.
+    with_bias = jattn.explain_implementation(*_shapes(1024, dtype=jnp.float16), bias=jnp.zeros((1, 8, 1024, 1024)))
+    assert with_bias.implementation == "chunked" and "-inf bias" in with_bias.reason
+    assert jattn.explain_implementation(*_shapes(1024, dtype=jnp.float16), bias=jnp.zeros((1, 8, 1024, 1024)),
+                                        implementation="cudnn").implementation == "cudnn"
 
 
 @pytest.mark.parametrize("shapes,kwargs,problem", [
@@ -109,7 +113,8 @@ def test_cudnn_path_passes_heads_bias_and_residual_through(fake_gpu):
     q = jnp.asarray(rng.standard_normal((2, 7, 6, 8)), jnp.bfloat16)
     k, v = (jnp.asarray(rng.standard_normal((2, 9, 3, 8)), jnp.bfloat16) for _ in range(2))
     bias = jnp.asarray(rng.standard_normal((1, 6, 7, 9)), jnp.bfloat16)
-    got, got_lse = jattn.dot_product_attention(q, k, v, bias, is_causal=True, return_residual=True)
+    got, got_lse = jattn.dot_product_attention(q, k, v, bias, is_causal=True, return_residual=True,
+                                               implementation="cudnn")  # never automatic with a bias
     want, want_lse = jattn.dot_product_attention(q, k, v, bias, is_causal=True, return_residual=True,
                                                  implementation="xla")
     assert fake_gpu == ["cudnn"]

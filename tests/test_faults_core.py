@@ -300,3 +300,75 @@ def test_multi_device_ring_float64_and_nan():
     expected = np.zeros((8, 2), bool)
     expected[5:, 1] = True
     np.testing.assert_array_equal(np.array(r["nan_rows"]), expected)
+
+
+# ----------------------------------------------------------------------------------------
+# The GPU path keeps jattn's semantics (a faked GPU: jax.nn's cuDNN call runs its XLA path).
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    from jattn import dispatch
+
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def fake(*args, implementation, **kwargs):
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    return calls
+
+
+def _bf16_inputs(seed, t=16, s=24):
+    """bf16 q [2, t, 4, 8], k, v [2, s, 2, 8]: shapes cuDNN takes (head dim 8)."""
+    rng = np.random.default_rng(seed)
+    shapes = ((2, t, 4, 8), (2, s, 2, 8), (2, s, 2, 8))
+    return tuple(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in shapes)
+
+
+def test_auto_never_sends_a_bias_to_cudnn(fake_gpu):
+    q, k, v = _bf16_inputs(20)
+    bias = jnp.zeros((2, 4, 16, 24), jnp.bfloat16).at[0, 1, 3].set(-jnp.inf)
+    assert jattn.explain_implementation(q, k, v).implementation == "cudnn"
+    choice = jattn.explain_implementation(q, k, v, bias)
+    assert choice.implementation == "xla" and "-inf bias" in choice.reason
+    out = jattn.dot_product_attention(q, k, v, bias)
+    assert fake_gpu == [] and np.all(np.asarray(out, np.float32)[0, 3, 1] == 0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(is_causal=True), dict(is_causal=True, local_window_size=(3, 0))])
+def test_explicit_cudnn_repairs_rows_that_a_minus_inf_bias_empties(fake_gpu, kwargs):
+    q, k, v = _bf16_inputs(21)
+    bias = np.zeros((2, 4, 16, 24), np.float32)
+    bias[0, 1, 3, :] = -np.inf  # every key hidden
+    bias[1, 2, 5, :6] = -np.inf  # causal/window: every visible key hidden (rows see keys <= 5)
+    bias = jnp.asarray(bias, jnp.bfloat16)
+    run = lambda impl: (lambda q, k, v: jattn.dot_product_attention(
+        q, k, v, bias, implementation=impl, return_residual=True, **kwargs))
+    out, lse = run("cudnn")(q, k, v)
+    want, want_lse = run("xla")(q, k, v)
+    assert fake_gpu == ["cudnn"]
+    out, want = np.asarray(out, np.float32), np.asarray(want, np.float32)
+    assert np.all(out[0, 3, 1] == 0) and np.isneginf(np.asarray(lse)[0, 3, 1])
+    if kwargs:
+        assert np.all(out[1, 5, 2] == 0) and np.isneginf(np.asarray(lse)[1, 5, 2])
+    np.testing.assert_allclose(out, want, atol=3e-2)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    loss = lambda impl: (lambda q, k, v: jnp.sum(run(impl)(q, k, v)[0].astype(jnp.float32)))
+    for g, w in zip(jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, w, atol=6e-2)
+
+
+def test_cudnn_is_not_chosen_for_empty_inputs(fake_gpu):
+    q, k, v = _bf16_inputs(22, s=0)
+    assert jattn.explain_implementation(q, k, v).implementation != "cudnn"
+    with pytest.raises(ValueError, match="non-empty"):
+        jattn.explain_implementation(q, k, v, implementation="cudnn")
+    np.testing.assert_array_equal(np.asarray(jattn.dot_product_attention(q, k, v), np.float32), 0)
