@@ -5,21 +5,43 @@
     python train_toy.py --config.num_train_steps=200      # override a field
     python train_toy.py --workdir=runs/mine               # run again with it to resume
 
-The logic lives in ``jattn.toy``; this file only parses flags.
+The logic lives in ``jattn.toy``; this file only parses flags. A failure the user can act on
+(an invalid config, a workdir in use, a damaged file, a diverged run) is printed as one message
+without a traceback; the exit status is 2 for an invalid config or override, 1 for the others,
+130 for Ctrl-C.
 """
 
 import datetime
 import os
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = pathlib.Path(__file__).resolve().parent
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_HERE / "configs" / "copy.py"), "Training config (a file with get_config()).",
-    lock_config=True,
-)
+# ml_collections parses --config.<field> overrides while it defines the flag (default config)
+# or while absl parses flags (--config given); either may fail on an override naming a section
+# the config does not have (an unknown field is accepted here and named by validation).
+_OVERRIDE_ERRORS = (KeyError, AttributeError, TypeError)
+
+
+def _bad_override(error: Exception):
+    name = str(error.args[0] if error.args else error).strip("'\"")
+    overrides = [a.split("=")[0] for a in sys.argv[1:] if a.lstrip("-").startswith("config.")]
+    culprits = [o for o in overrides if name in o.split(".")[1:]] or overrides
+    print(f"train_toy.py: error: invalid config override {', '.join(culprits)}: {name!r} is not a field "
+          "of the config (every field is a commented line of configs/copy.py)", file=sys.stderr)
+    sys.exit(2)
+
+
+try:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", str(_HERE / "configs" / "copy.py"), "Training config (a file with get_config()).",
+        lock_config=False, accept_new_attributes=True,
+    )
+except _OVERRIDE_ERRORS as e:
+    _bad_override(e)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder; reusing one resumes its run. Default: a fresh runs/<config>-<time>."
 )
@@ -40,10 +62,31 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from jattn.toy.run import run  # after flag parsing, so --help does not import jax
+    from jattn.toy.errors import TrainerError  # after flag parsing, so --help does not import jax
+    from jattn.toy.run import run
 
-    run(_CONFIG.value, _WORKDIR.value or _fresh_workdir())
+    workdir = _WORKDIR.value or _fresh_workdir()
+    try:
+        run(_CONFIG.value, workdir)
+    except TrainerError as e:
+        print(f"train_toy.py: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print(f"train_toy.py: interrupted; run again with --workdir={workdir} to resume from its "
+              "newest checkpoint", file=sys.stderr)
+        # Exit at once: XLA may still be compiling or running in its own threads, and the
+        # interpreter's shutdown under them can crash. Checkpoints and the lock are closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+
+def _parse_flags(argv):
+    try:
+        return app.parse_flags_with_usage(argv)
+    except _OVERRIDE_ERRORS as e:
+        _bad_override(e)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

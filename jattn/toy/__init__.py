@@ -2,7 +2,8 @@
 
 Files, one job each: ``validation`` (config checks), ``data`` (deterministic batches),
 ``model`` (decoder-only Transformer), ``mesh`` (device mesh and shardings), ``train``
-(state, train/eval steps, greedy decoding), ``checkpoint`` (orbax), ``metrics``
-(metrics.jsonl, summary.json), ``plots`` (attention.png, grad_flow.png), ``gradcheck``
-(finite-difference check at start-up) and ``run`` (the training loop).
+(state, train/eval steps, greedy decoding), ``checkpoint`` (verified orbax checkpoints),
+``metrics`` (metrics.jsonl, summary.json), ``plots`` (attention.png, grad_flow.png),
+``gradcheck`` (finite-difference check at start-up), ``workdir_lock`` (one run per
+workdir), ``errors`` (user-facing failures) and ``run`` (the training loop).
 """

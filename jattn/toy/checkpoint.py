@@ -1,43 +1,128 @@
-"""Orbax checkpoints of the training state, and resuming from the latest complete one.
+"""Orbax checkpoints of the training state, verified when written and when read back.
 
-Why a partly written checkpoint is never loaded: orbax writes step ``n`` into a temporary
-directory (``<n>.orbax-checkpoint-tmp-*``) and renames it to ``<n>`` only after every file
-is written, and its last file before the (atomic, on a local filesystem) rename is
-``commit_success.txt``. A run killed mid-save therefore leaves only a tmp directory, which
-orbax ignores (and removes when the manager opens, ``cleanup_tmp_directories``).
-Opening a ``Checkpointer`` additionally deletes any ``<n>`` step directory without
-``commit_success.txt`` (not written by a finished orbax save), so it can neither be loaded
-nor block a later save of step ``n``. Saves are synchronous: a checkpoint
-is complete before training goes on.
+A checkpoint of step ``n`` is orbax's step directory ``<n>/`` plus ``<n>/jattn_manifest.json``,
+which holds the SHA-256 of every file orbax wrote and of every array of the saved state.
+
+Saving (``save``): a state with a NaN or an infinity is refused. Orbax writes ``<n>`` into a
+temporary directory and renames it to ``<n>`` only after every file is written (its last file
+before the rename is ``commit_success.txt``); then the manifest is written (temporary file and
+rename), and the checkpoint is read back and compared with the state. Only then are checkpoints
+older than the newest ``max_to_keep`` deleted (this class, not orbax, does the rotation), so the
+last verified checkpoint is never deleted while a newer one is unverified. SIGINT and SIGTERM
+that arrive during a save are delivered once it is complete.
+
+Resuming (``restore_latest``): checkpoints are tried newest first. One whose files do not match
+its manifest (changed, truncated, missing or extra files, no manifest) or whose restored arrays
+do not match it is moved to ``damaged_checkpoints/`` next to the checkpoint directory, with a
+warning naming it, and the next older one is tried. A run killed mid-save leaves an orbax
+temporary directory (removed when the manager opens, ``cleanup_tmp_directories``) or a step
+directory without orbax's commit marker (deleted here), neither of which is ever loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import pathlib
 import shutil
+import signal
+import threading
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from jattn.toy.errors import TrainerError, warn
+
 COMMIT_FILE = "commit_success.txt"  # orbax's marker, written just before the final rename
+MANIFEST = "jattn_manifest.json"  # written by this module once orbax has committed the step
+_DELETING = ".orbax-checkpoint-tmp-deleting"  # a tmp-directory name: orbax removes leftovers
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that does not match its manifest (the message says how)."""
+
+
+def _sha256_file(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_digests(step_dir: pathlib.Path) -> dict[str, str]:
+    """SHA-256 of every file under ``step_dir`` but the manifest, by relative path."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {str(p.relative_to(step_dir)): _sha256_file(p) for p in files}
+
+
+def _array_digests(state) -> dict[str, str]:
+    """SHA-256 of dtype, shape and bytes of every array of ``state``, by pytree path."""
+    digests = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+        x = np.ascontiguousarray(x)
+        h = hashlib.sha256(f"{x.dtype}{x.shape}".encode())
+        h.update(x.tobytes())
+        digests[jax.tree_util.keystr(path)] = h.hexdigest()
+    return digests
+
+
+def _non_finite_leaves(state) -> list[str]:
+    """Pytree paths of the arrays of ``state`` that hold a NaN or an infinity."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+    return [jax.tree_util.keystr(p) for p, x in leaves if not np.all(np.isfinite(np.asarray(x)))]
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda num, frame: received.append(num)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)
 
 
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None,  # rotation is done by _prune, after the newest is verified
             create=True,
             cleanup_tmp_directories=True,
             enable_async_checkpointing=False,
         )
         self._directory = pathlib.Path(os.path.abspath(directory))
+        self._damaged_dir = self._directory.parent / "damaged_checkpoints"
+        self._max_to_keep = max_to_keep
         self._manager = ocp.CheckpointManager(self._directory, options=options)
         self.discarded = self._discard_incomplete()
 
+    def _step_dir(self, step: int) -> pathlib.Path:
+        return self._directory / str(step)
+
     def _discard_incomplete(self) -> list[str]:
         """Delete step directories that lack orbax's commit marker; return their paths."""
-        doomed = [self._directory / str(s) for s in self._manager.all_steps()]
+        doomed = [self._step_dir(s) for s in self._manager.all_steps()]
         doomed = [str(p) for p in doomed if not (p / COMMIT_FILE).is_file()]
         for path in doomed:
             shutil.rmtree(path)
@@ -55,15 +140,113 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, step: int, state) -> None:
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        self._manager.wait_until_finished()
+        """Save ``state`` as step ``step``, verify it, then delete checkpoints beyond ``max_to_keep``.
+
+        Raises ``TrainerError`` (and saves nothing) if ``state`` holds a NaN or an infinity, and
+        (deleting nothing) if the checkpoint read back differs from ``state``.
+        """
+        bad = _non_finite_leaves(state)
+        if bad:
+            raise TrainerError(f"refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}")
+        arrays = _array_digests(state)
+        with _signals_deferred():
+            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self._manager.wait_until_finished()
+            step_dir = self._step_dir(step)
+            manifest = {"step": step, "files": _file_digests(step_dir), "arrays": arrays}
+            _write_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            try:
+                self.restore(step, like=state)
+            except DamagedCheckpoint as e:
+                raise TrainerError(
+                    f"checkpoint {step_dir} differs from the state just saved ({e}); older checkpoints "
+                    "were kept. Is the disk failing? Check it, then run again to resume"
+                ) from None
+            self._prune()
+
+    def _prune(self) -> None:
+        """Delete all but the newest ``max_to_keep`` checkpoints (each renamed away first)."""
+        for step in self.complete_steps()[: -self._max_to_keep]:
+            doomed = self._directory / f"{step}{_DELETING}"
+            os.rename(self._step_dir(step), doomed)
+            shutil.rmtree(doomed)
+        self._manager.reload()
+
+    def _check_files(self, step: int) -> dict:
+        """The manifest of ``step`` once every file matches it; else raise ``DamagedCheckpoint``."""
+        step_dir = self._step_dir(step)
+        try:
+            manifest = json.loads((step_dir / MANIFEST).read_text())
+            expected, arrays = manifest["files"], manifest["arrays"]
+        except FileNotFoundError:
+            raise DamagedCheckpoint(f"{MANIFEST} is missing (the save never finished)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DamagedCheckpoint(f"{MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
+        if manifest.get("step") != step:
+            raise DamagedCheckpoint(f"{MANIFEST} describes step {manifest.get('step')!r}")
+        actual = _file_digests(step_dir)
+        for name in sorted(set(expected) | set(actual)):
+            if name not in actual:
+                raise DamagedCheckpoint(f"file {name} is missing")
+            if name not in expected:
+                raise DamagedCheckpoint(f"file {name} was not written by the save")
+            if actual[name] != expected[name]:
+                raise DamagedCheckpoint(f"file {name} has changed since it was saved (SHA-256 differs)")
+        return arrays
 
     def restore(self, step: int, like):
-        """Restore ``step`` into the structure, dtypes and shardings of the pytree ``like``."""
+        """Restore ``step`` into the structure, dtypes and shardings of the pytree ``like``.
+
+        Raises ``DamagedCheckpoint`` unless every file and every restored array matches the
+        checkpoint's manifest, and ``TrainerError`` if intact files do not fit ``like``.
+        """
+        arrays = self._check_files(step)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
         )
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # orbax/tensorstore errors have no common base class
+            raise TrainerError(
+                f"checkpoint {self._step_dir(step)} is intact but does not fit this model "
+                f"({type(e).__name__}: {str(e)[:300]}); was it written by another version of the "
+                "trainer? Use a fresh --workdir"
+            ) from e
+        if _array_digests(state) != arrays:
+            raise DamagedCheckpoint("the restored arrays differ from the saved ones (SHA-256)")
+        return state
+
+    def restore_latest(self, like):
+        """``(step, state)`` of the newest intact checkpoint, or ``(0, like)`` if there is none yet.
+
+        Damaged checkpoints are moved to ``damaged_checkpoints/`` with a warning naming each;
+        if every checkpoint is damaged, raises ``TrainerError`` saying so.
+        """
+        moved = []
+        for step in reversed(self.complete_steps()):
+            try:
+                return step, self.restore(step, like)
+            except DamagedCheckpoint as e:
+                moved.append(self._quarantine(step, str(e)))
+        if moved:
+            raise TrainerError(
+                f"no intact checkpoint is left in {self._directory} (the {len(moved)} damaged ones were "
+                f"moved to {self._damaged_dir}). Run again to start over from step 0, or use a fresh "
+                "--workdir"
+            )
+        return 0, like
+
+    def _quarantine(self, step: int, why: str) -> str:
+        source = self._step_dir(step)
+        self._damaged_dir.mkdir(exist_ok=True)
+        target, n = self._damaged_dir / str(step), 1
+        while target.exists():
+            n += 1
+            target = self._damaged_dir / f"{step}-{n}"
+        os.rename(source, target)
+        self._manager.reload()
+        warn(f"checkpoint {source} is damaged: {why}. Moved it to {target}; trying an older checkpoint")
+        return str(target)
 
     def close(self) -> None:
         self._manager.close()

@@ -1,11 +1,19 @@
 """The training loop behind ``train_toy.py``: set up, resume, train, evaluate, write outputs.
 
 Outputs in ``workdir``: ``config.json``, ``metrics.jsonl``, ``summary.json``,
-``attention.png``, ``grad_flow.png`` and ``checkpoints/``.
+``attention.png``, ``grad_flow.png``, ``checkpoints/`` and ``train.lock``.
+
+What ends a run early, always with a ``TrainerError`` whose message says what to do (exit
+status 1 or 2 from ``train_toy.py``) and never with a checkpoint of a broken state: an invalid
+config (before the workdir is created), a workdir held by another run, a ``config.json`` that
+differs from the config or is unreadable, a checkpoint that cannot be resumed, and a NaN or an
+infinity in the loss, a gradient or the state. Damaged checkpoints and ``metrics.jsonl`` lines
+are set aside with a warning and the run resumes from the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,8 +23,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jattn.toy import checkpoint, data, gradcheck, metrics, plots, train, validation
+from jattn.toy import checkpoint, data, gradcheck, metrics, plots, train, validation, workdir_lock
 from jattn.toy import mesh as mesh_lib
+from jattn.toy.errors import ConfigError, TrainerError
 
 # Test hook: SIGKILL this process right after the given step is trained (and logged),
 # before that step's checkpoint is written; used to test resuming after a crash.
@@ -28,15 +37,56 @@ def _check_same_config(workdir: str, config) -> None:
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json())
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = metrics.read_json_object(
+            path, "it records the config this workdir was trained with. Restore it, or delete it to "
+            "resume with the current --config, or use a fresh --workdir")
         if saved != current:
             fields = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise ValueError(
-                f"workdir {workdir!r} holds a run of another config (fields differ: {fields}); "
-                "use a fresh --workdir or the same config"
+            raise TrainerError(
+                f"workdir {workdir!r} holds a run of another config (fields differ: {fields}; see "
+                f"{path}); use a fresh --workdir or the same config"
             )
     metrics.write_json(path, current)
+
+
+def _make_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise TrainerError(f"cannot write to --workdir {workdir!r} ({e.strerror or e}); "
+                           "choose a writable directory") from None
+
+
+class _FiniteGuard:
+    """Collects each step's ``all_finite`` flag and checks them in one transfer, at boundaries.
+
+    ``check`` raises ``TrainerError`` naming the first step whose loss, gradients or new state
+    hold a NaN or an infinity; the loop calls it before it logs, checkpoints or finishes, so a
+    broken state is never written.
+    """
+
+    def __init__(self, last_checkpoint: int):
+        self.pending: list[tuple[int, dict]] = []  # (step, that step's metrics), unchecked
+        self.last_checkpoint = last_checkpoint
+
+    def check(self) -> None:
+        flags = jax.device_get([m["all_finite"] for _, m in self.pending])
+        bad = [(step, m) for (step, m), ok in zip(self.pending, flags) if not ok]
+        self.pending.clear()
+        if bad:
+            step, m = bad[0]
+            where = (f"step {self.last_checkpoint}" if self.last_checkpoint else "none yet")
+            raise TrainerError(
+                f"training diverged: step {step} produced a NaN or an infinity (loss="
+                f"{float(m['loss']):.4g}, grad_norm/global={float(m['grad_norm/global']):.4g}); stopped "
+                f"before writing any checkpoint of it (newest checkpoint: {where}). Lower "
+                "config.learning_rate or config.grad_clip_norm, or raise config.warmup_steps, "
+                "and train in a fresh --workdir"
+            )
 
 
 def _floats(tree: dict) -> dict:
@@ -52,13 +102,25 @@ def _show_samples(batch: data.Batch, outputs: np.ndarray, config) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    """Train ``config`` in ``workdir`` (resuming from its latest complete checkpoint)."""
-    validation.validate(config)
+    """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint).
+
+    Raises ``ConfigError`` before the workdir is created if the config cannot run here, and
+    ``TrainerError`` for the other failures listed in the module docstring.
+    """
     start_time = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    validation.validate(config)
+    try:
+        mesh = mesh_lib.make_mesh(config.mesh, config.batch_size)
+        mesh_lib.check_divides(mesh, "num_eval_sequences", config.num_eval_sequences)
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  {e}") from None
+    _make_workdir(workdir)
+    with contextlib.closing(workdir_lock.lock_workdir(workdir)):
+        return _train(config, workdir, mesh, start_time)
+
+
+def _train(config, workdir: str, mesh, start_time: float) -> dict:
     _check_same_config(workdir, config)
-    mesh = mesh_lib.make_mesh(config.mesh, config.batch_size)
-    mesh_lib.check_divides(mesh, "num_eval_sequences", config.num_eval_sequences)
     print(f"workdir: {workdir}")
     print(f"task: {config.task}, seq_len={config.seq_len}, vocab_size={config.vocab_size}; "
           f"devices: {mesh.devices.size} x {jax.devices()[0].platform} (mesh {dict(mesh.shape)})")
@@ -69,49 +131,57 @@ def run(config, workdir: str) -> dict:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    max_to_keep=config.max_checkpoints_to_keep)
-    for path in ckpt.discarded:
-        print(f"discarded incomplete checkpoint {path}")
-    start = ckpt.latest_step() or 0
-    if start:
-        state = ckpt.restore(start, like=state)
-        print(f"resumed from checkpoint at step {start}")
-    print(f"model: {config.num_layers} layers, d_model={config.d_model}, {config.num_heads} heads, "
-          f"{num_params:,} parameters")
-    log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
-    steps = train.jit_steps(config, graphdef, mesh)
-    heldout = jax.device_put(
-        data.eval_batch(config.seed, num_sequences=config.num_eval_sequences, seq_len=config.seq_len,
-                        vocab_size=config.vocab_size, task=config.task),
-        mesh_lib.batch_sharded(mesh),
-    )
-    kill_after = int(os.environ.get(KILL_ENV) or -1)
+    try:
+        for path in ckpt.discarded:
+            print(f"discarded incomplete checkpoint {path}")
+        start, state = ckpt.restore_latest(like=state)
+        if start:
+            print(f"resumed from checkpoint at step {start}")
+        print(f"model: {config.num_layers} layers, d_model={config.d_model}, {config.num_heads} heads, "
+              f"{num_params:,} parameters")
+        log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
+        steps = train.jit_steps(config, graphdef, mesh)
+        heldout = jax.device_put(
+            data.eval_batch(config.seed, num_sequences=config.num_eval_sequences, seq_len=config.seq_len,
+                            vocab_size=config.vocab_size, task=config.task),
+            mesh_lib.batch_sharded(mesh),
+        )
+        kill_after = int(os.environ.get(KILL_ENV) or -1)
 
-    def evaluate(step: int) -> dict:
-        result, outputs = steps.eval_step(state.params, heldout)
-        result = _floats(result)
-        tqdm.write(f"eval @ step {step}: held-out seq_accuracy={result['seq_accuracy']:.4f} "
-                   f"token_accuracy={result['token_accuracy']:.4f} (greedy decoding)")
-        _show_samples(heldout, np.asarray(outputs), config)
-        return result
+        def evaluate(step: int) -> dict:
+            result, outputs = steps.eval_step(state.params, heldout)
+            result = _floats(result)
+            tqdm.write(f"eval @ step {step}: held-out seq_accuracy={result['seq_accuracy']:.4f} "
+                       f"token_accuracy={result['token_accuracy']:.4f} (greedy decoding)")
+            _show_samples(heldout, np.asarray(outputs), config)
+            return result
 
-    total = config.num_train_steps
-    bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step")
-    for step in bar:
-        state, step_metrics = steps.train_step(state, steps.train_batch(step))
-        done = step + 1  # optimizer steps taken
-        is_eval = done % config.eval_every_steps == 0 and done != total  # the end evaluates below
-        if done % config.log_every_steps == 0 or done == total or is_eval:
-            row = {"step": done, **_floats(step_metrics)}
-            if is_eval:
-                row.update({f"eval/{k}": v for k, v in evaluate(done).items()})
-            log.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3g}", acc=f"{row['token_accuracy']:.3f}")
-        if done == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if done % config.checkpoint_every_steps == 0 or done == total:
-            ckpt.save(done, state)
-    bar.close()
-    ckpt.close()
+        total = config.num_train_steps
+        guard = _FiniteGuard(last_checkpoint=start)
+        bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step")
+        for step in bar:
+            state, step_metrics = steps.train_step(state, steps.train_batch(step))
+            done = step + 1  # optimizer steps taken
+            guard.pending.append((done, step_metrics))
+            is_eval = done % config.eval_every_steps == 0 and done != total  # the end evaluates below
+            is_log = done % config.log_every_steps == 0 or done == total or is_eval
+            is_checkpoint = done % config.checkpoint_every_steps == 0 or done == total
+            if is_log or is_checkpoint:
+                guard.check()  # before anything of this state is logged or written
+            if is_log:
+                row = {"step": done, **_floats({k: v for k, v in step_metrics.items() if k != "all_finite"})}
+                if is_eval:
+                    row.update({f"eval/{k}": v for k, v in evaluate(done).items()})
+                log.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.3g}", acc=f"{row['token_accuracy']:.3f}")
+            if done == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if is_checkpoint:
+                ckpt.save(done, state)
+                guard.last_checkpoint = done
+        bar.close()
+    finally:
+        ckpt.close()
 
     final = evaluate(total)
     rows = log.rows()

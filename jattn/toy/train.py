@@ -115,13 +115,23 @@ def gradient_norms(grads: nnx.State) -> dict[str, jax.Array]:
     return norms
 
 
+def all_finite(tree) -> jax.Array:
+    """[] bool: True iff every element of every leaf of ``tree`` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def train_step(state: TrainState, batch: data.Batch, *, graphdef, tx, schedule, sequence_devices: int):
-    """One AdamW step on ``batch`` (in ``to_sequence_layout``). Returns the new state and metrics."""
+    """One AdamW step on ``batch`` (in ``to_sequence_layout``). Returns the new state and metrics.
+
+    ``metrics["all_finite"]`` ([] bool) is False when the loss, a gradient or the new state
+    holds a NaN or an infinity; the training loop checks it before logging or saving.
+    """
     grad_fn = jax.value_and_grad(_loss_and_metrics, has_aux=True)
     (loss, token_accuracy), grads = grad_fn(state.params, batch, graphdef, sequence_devices)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
+        "all_finite": all_finite((loss, grads, params, opt_state)),
         "loss": loss,
         "token_accuracy": token_accuracy,
         "learning_rate": schedule(state.step),
@@ -180,7 +190,7 @@ def attention_maps(params, inputs: jax.Array, *, graphdef) -> jax.Array:
 class Steps(NamedTuple):
     """The jitted functions of one model/optimizer; see the functions of the same names."""
 
-    train_step: Callable  # (state, batch) -> (state, metrics); state donated
+    train_step: Callable  # (state, batch) -> (state, metrics incl. "all_finite"); state donated
     eval_step: Callable  # (params, batch) -> (metrics, outputs [B, L])
     attention_maps: Callable  # (params, inputs [B, T]) -> [layers, B, N, T, T]
     train_batch: Callable  # (step) -> Batch [B, Tq] in to_sequence_layout, over ('data', 'sequence')

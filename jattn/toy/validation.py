@@ -1,17 +1,23 @@
 """Check a toy-trainer config before anything is built or compiled.
 
-``validate(config)`` rejects unknown fields, wrong types and bad values, and raises one
-``ValueError`` listing every problem as ``config.<field>: expected ..., got ...``.
+``validate(config)`` rejects unknown fields, wrong types and bad values (non-finite numbers
+included), and values that could only fail later (an attention implementation that cannot
+run the model's attention on this machine); it raises one ``ConfigError`` (a ``ValueError``)
+listing every problem as ``config.<field>: expected ..., got ...``.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from jattn import dispatch
+from jattn.toy.errors import ConfigError
 
 TASKS = ("copy", "reverse")
 NUM_SPECIAL_TOKENS = 3  # PAD, BOS, SEP (see jattn.toy.data)
@@ -23,6 +29,14 @@ def _positive(v) -> bool:
 
 def _non_negative(v) -> bool:
     return v >= 0
+
+
+def _positive_finite(v) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def _non_negative_finite(v) -> bool:
+    return math.isfinite(v) and v >= 0
 
 
 # field -> (type, value predicate, description of the allowed values)
@@ -41,10 +55,10 @@ SCHEMA: dict[str, Any] = {
                                  f"None or one of {dispatch.IMPLEMENTATIONS}"),
     "num_train_steps": (_INT, _positive, "a positive int"),
     "batch_size": (_INT, _positive, "a positive int"),
-    "learning_rate": (_REAL, _positive, "a positive number"),
+    "learning_rate": (_REAL, _positive_finite, "a finite positive number"),
     "warmup_steps": (_INT, _non_negative, "a non-negative int"),
-    "weight_decay": (_REAL, _non_negative, "a non-negative number"),
-    "grad_clip_norm": (_REAL, _positive, "a positive number"),
+    "weight_decay": (_REAL, _non_negative_finite, "a finite non-negative number"),
+    "grad_clip_norm": (_REAL, _positive_finite, "a finite positive number"),
     "seed": (_INT, _non_negative, "a non-negative int"),
     "log_every_steps": (_INT, _positive, "a positive int"),
     "eval_every_steps": (_INT, _positive, "a positive int"),
@@ -86,8 +100,24 @@ def _check_fields(config, schema: dict, prefix: str, problems: list[str]) -> Non
             problems.append(f"{where}: expected {allowed}, got {value!r}")
 
 
+def _implementation_problem(config) -> str | None:
+    """Why ``config.attention_implementation`` cannot run the model's attention here, or None.
+
+    Asks ``jattn.dispatch`` about the training call's shapes (nothing is computed): e.g.
+    ``'cudnn'`` needs an NVIDIA GPU and float16/bfloat16, and the toy model computes in float32.
+    """
+    T, N = 2 * config.seq_len + 1, config.num_heads  # model input length, heads
+    q = jax.ShapeDtypeStruct((config.batch_size, T, N, config.d_model // N), jnp.float32)  # [B, T, N, H]
+    try:
+        dispatch.explain_implementation(q, q, q, is_causal=True,
+                                        implementation=config.attention_implementation)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def validate(config) -> None:
-    """Raise ``ValueError`` naming every unknown field and bad value of ``config``."""
+    """Raise ``ConfigError`` naming every unknown field and bad value of ``config``."""
     problems: list[str] = []
     _check_fields(config, SCHEMA, "config.", problems)
     if not problems:  # relations between fields, once each field is valid on its own
@@ -105,5 +135,10 @@ def validate(config) -> None:
                 "config.attention_implementation: expected None with mesh.sequence > 1 (ring "
                 f"attention computes its own tiles), got {config.attention_implementation!r}"
             )
+        elif config.attention_implementation is not None:
+            problem = _implementation_problem(config)
+            if problem:
+                problems.append(f"config.attention_implementation: {config.attention_implementation!r} "
+                                f"cannot run the model's attention on this machine ({problem})")
     if problems:
-        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
