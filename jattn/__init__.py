@@ -2,6 +2,7 @@
 
 from jattn import flex, masks
 from jattn.attention import attention
+from jattn.decode import decode_attention
 from jattn.dispatch import explain_implementation
 from jattn.flax_attention_fn import flax_attention_fn
 from jattn.flex import BlockMask, create_block_mask, flex_attention
@@ -15,6 +16,7 @@ __all__ = [
     "apply_rope",
     "attention",
     "create_block_mask",
+    "decode_attention",
     "dot_product_attention",
     "explain_implementation",
     "flax_attention_fn",
@@ -29,8 +31,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``jattn.nnx`` / ``jattn.linen`` import Flax's module system on first use only."""
-    if name in ("nnx", "linen"):
+    """``jattn.nnx`` / ``jattn.linen`` (Flax) and ``jattn.paged`` are imported on first use."""
+    if name in ("nnx", "linen", "paged"):
         import importlib
 
         return importlib.import_module(f"jattn.{name}")

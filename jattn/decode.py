@@ -219,9 +219,10 @@ def _decode(q, key_cache, value_cache, lengths, *, static: Static, num_splits: i
 
     def fetch(caches, b, j):
         key_cache, value_cache = caches
-        start = jnp.minimum(j * c, S - c)  # the last split is clamped inside the cache
-        k = jax.lax.dynamic_slice(key_cache, (b, start, 0, 0), (1, c, K, H))[0]  # [c, K, H]
-        v = jax.lax.dynamic_slice(value_cache, (b, start, 0, 0), (1, c, K, Hv))[0]  # [c, K, Hv]
+        start = jnp.minimum(j * c, S - c).astype(b.dtype)  # the last split is clamped inside the cache
+        zero = jnp.zeros((), b.dtype)
+        k = jax.lax.dynamic_slice(key_cache, (b, start, zero, zero), (1, c, K, H))[0]  # [c, K, H]
+        v = jax.lax.dynamic_slice(value_cache, (b, start, zero, zero), (1, c, K, Hv))[0]  # [c, K, Hv]
         return k, v, start + jnp.arange(c), j * c
 
     out = run_splits(q, lengths, (key_cache, value_cache), fetch, Tq, Hv, static, num_splits, q.dtype)
