@@ -8,7 +8,10 @@ from jattn.flax_attention_fn import flax_attention_fn
 from jattn.flex import BlockMask, create_block_mask, flex_attention
 from jattn.multihead import dot_product_attention
 from jattn.ring import ring_attention
-from jattn.sequence_parallel import sequence_parallel_attention, sequence_parallel_attention_fn
+from jattn.sequence_parallel import (
+    explain_sequence_parallel, sequence_parallel_attention, sequence_parallel_attention_fn,
+)
+from jattn.ulysses import ulysses_attention
 from jattn.rope import apply_rope
 
 __all__ = [
@@ -19,6 +22,7 @@ __all__ = [
     "decode_attention",
     "dot_product_attention",
     "explain_implementation",
+    "explain_sequence_parallel",
     "flax_attention_fn",
     "flex",
     "flex_attention",
@@ -26,6 +30,7 @@ __all__ = [
     "ring_attention",
     "sequence_parallel_attention",
     "sequence_parallel_attention_fn",
+    "ulysses_attention",
 ]
 __version__ = "0.1.0"
 

@@ -327,6 +327,11 @@ def _put_rows(x, rows, i, size: int):
     return jax.lax.dynamic_update_slice_in_dim(x, rows, i * size, axis=1)
 
 
+def _loop(n: int, body, carry):
+    """``fori_loop(0, n, body, carry)``, a plain call when n is 1 (smaller programs)."""
+    return body(0, carry) if n == 1 else jax.lax.fori_loop(0, n, body, carry)
+
+
 # ----------------------------------------------------------------------------------------
 # One ring step: every tile between the local queries and the key/value block that is here.
 # ----------------------------------------------------------------------------------------
@@ -381,9 +386,11 @@ def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
 
             return _switch(st, _tile_kind(st, qs, t), fold, state)
 
-        state = jax.lax.fori_loop(0, nk, k_tile, tuple(_rows(x, i, st.bq) for x in carry))
+        state = _loop(nk, k_tile, tuple(_rows(x, i, st.bq) for x in carry))
         return tuple(_put_rows(x, s, i, st.bq) for x, s in zip(carry, state))
 
+    if nq == nk == 1:  # one tile: its own switch skips it
+        return q_tile(0, carry)
     some = _tile_kind(st, qs, _whole_block(qs, blk, pos)) > 0
     return jax.lax.cond(some, lambda c: jax.lax.fori_loop(0, nq, q_tile, c), lambda c: c, carry)
 
@@ -418,11 +425,13 @@ def _backward_step(st: _Static, qs: _Queries, res, dq, dkv, blk: _Block, me, src
 
             return _switch(st, _tile_kind(st, qs, t), grad, inner)
 
-        dq, dk_j, dv_j = jax.lax.fori_loop(0, nq, q_tile, (dq, jnp.zeros_like(k), jnp.zeros_like(v)))
+        dq, dk_j, dv_j = _loop(nq, q_tile, (dq, jnp.zeros_like(k), jnp.zeros_like(v)))
         dk = _put_rows(dk, _rows(dk, j, st.bk) + dk_j, j, st.bk)
         dv = _put_rows(dv, _rows(dv, j, st.bk) + dv_j, j, st.bk)
         return dq, (dk, dv)
 
+    if nq == nk == 1:  # one tile: its own switch skips it
+        return k_tile(0, (dq, dkv))
     some = _tile_kind(st, qs, _whole_block(qs, blk, pos)) > 0
     return jax.lax.cond(some, lambda g: jax.lax.fori_loop(0, nk, k_tile, g), lambda g: g, (dq, dkv))
 

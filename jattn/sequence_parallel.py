@@ -1,7 +1,19 @@
-"""``sequence_parallel_attention``: ring attention over a mesh axis, wrapped in ``jax.shard_map``.
+"""``sequence_parallel_attention``: ring or Ulysses attention over a mesh axis, in ``jax.shard_map``.
 
 Shape glossary: B batch, T query length, S key length, N query heads, K key/value heads,
 H head dim, Hv value head dim, P devices on the sequence axis.
+
+Strategies: ``'ring'`` (``jattn.ring``: key/value blocks travel around the devices, any
+number of heads, windows shorten the ring) or ``'ulysses'`` (``jattn.ulysses``: all-to-all
+from sequence to heads, the single-device kernel, all-to-all back; needs the heads to split
+over P). ``'auto'`` picks per call; ``explain_sequence_parallel`` says which and why:
+
+1. P = 1 -> ``'ring'`` (one local ``'chunked'`` pass, nothing is sent).
+2. The (per ``head_axis`` shard) query heads are not divisible by P -> ``'ring'``.
+3. Otherwise the strategy that sends fewer bytes per device in the forward pass, estimated
+   from the shapes: the ring sends its K/V block once per hop (P - 1 hops, fewer with a
+   window), Ulysses sends (P-1)/P of q, k, v (kv heads replicated up to a multiple of P) and
+   of the output. Ties go to the ring, whose transfers overlap its compute.
 
 The inputs may be unsharded or sharded in any way; they are resharded to the layout the ring
 needs (sequence over ``axis_name``; batch over ``batch_axis`` and heads over ``head_axis``
@@ -21,8 +33,13 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from typing import NamedTuple
+
 from jattn import _checks
-from jattn.ring import LAYOUTS, _check_divisible, check_arrays, ring_attention
+from jattn.ring import LAYOUTS, _check_divisible, _hops, check_arrays, ring_attention
+from jattn.ulysses import kv_replication, ulysses_attention
+
+STRATEGIES = ("ring", "ulysses", "auto")
 
 
 def _place(x, mesh: Mesh, spec: P):
@@ -48,42 +65,23 @@ def _divides(name: str, what: str, n: int, size: int, axis) -> None:
         raise ValueError(f"{name}: expected {what} divisible by the size {size} of mesh axis {axis!r}, got {n}")
 
 
-def sequence_parallel_attention(
-    query,
-    key,
-    value,
-    bias=None,
-    mask=None,
-    *,
-    mesh: Mesh,
-    axis_name: str,
-    batch_axis: str | None = None,
-    head_axis: str | None = None,
-    layout: str = "contiguous",
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    **kwargs,
-):
-    """Attention with the sequence sharded over mesh axis ``axis_name`` (ring attention).
+class Strategy(NamedTuple):
+    """The strategy a ``sequence_parallel_attention`` call runs, and why."""
 
-    ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Hv]`` are GLOBAL arrays,
-    sharded or not; T and S must be divisible by P (by 2P for ``layout='zigzag'``). Rows are
-    stored in ``layout``: for ``'zigzag'`` (causal load balance) the caller has permuted them
-    with ``jattn.ring.to_layout`` and passes positions ``jattn.ring.layout_positions`` to RoPE;
-    see ``jattn.ring``. Optionally shard the batch over ``batch_axis`` and the heads (N and K)
-    over ``head_axis``. ``kwargs`` go to ``jattn.ring_attention``: ``is_causal``, ``scale``,
-    ``logits_soft_cap``. Lengths ``[B]`` and segment ids ``[B, T]`` / ``[B, S]`` are as in
-    ``jattn.dot_product_attention`` (segment ids in the same layout as the rows).
+    strategy: str
+    reason: str
+    ring_bytes: int  # forward bytes one device sends with the ring (estimate from shapes)
+    ulysses_bytes: int | None  # same for Ulysses; None where the heads do not split over P
 
-    Returns ``[B, T, N, Hv]`` sharded as ``P(batch_axis, axis_name, head_axis)``, equal to
-    ``jattn.dot_product_attention`` on the same arrays.
-    """
+
+def _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis, layout, strategy,
+          query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids, kwargs) -> Strategy:
+    """Validate the arguments (before XLA) and resolve ``strategy``."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh (e.g. from jax.make_mesh), got {type(mesh).__name__}")
     if axis_name is None:
         raise ValueError(f"axis_name: expected one of the mesh axes {tuple(mesh.axis_names)}, got None")
+    _checks.choice("strategy", strategy, STRATEGIES)
     P_seq = _axis_size(mesh, "axis_name", axis_name)
     n_batch = _axis_size(mesh, "batch_axis", batch_axis)
     n_head = _axis_size(mesh, "head_axis", head_axis)
@@ -100,7 +98,101 @@ def sequence_parallel_attention(
     _divides("query", "a batch size", B, n_batch, batch_axis)
     _divides("query", "a number of heads", N, n_head, head_axis)
     _divides("key", "a number of heads", K, n_head, head_axis)
+    window = kwargs.get("local_window_size")
+    window = None if window is None else _checks.window("local_window_size", window)
 
+    # Per-device forward bytes: local batch, heads and lengths.
+    Bl, Nl, Kl, Tl, Sl = B // n_batch, N // n_head, K // n_head, T // P_seq, S // P_seq
+    H, Hv = query.shape[-1], value.shape[-1]
+    item = jnp.dtype(_checks.dtype_of("query", query)).itemsize
+    hops = sum(_hops(bool(kwargs.get("is_causal", False)), window, layout, P_seq, Tl, Sl))
+    ring_bytes = hops * Bl * Sl * Kl * (H + Hv) * item
+    splits = Nl % P_seq == 0
+    ulysses_bytes = None
+    if splits:
+        Kr = Kl * kv_replication(Kl, P_seq)
+        ulysses_bytes = (P_seq - 1) * Bl * (Tl * Nl * (H + Hv) + Sl * Kr * (H + Hv)) * item // P_seq
+    if strategy == "ulysses" and not splits:
+        raise ValueError(
+            f"strategy: 'ulysses' splits the {Nl} query heads of each device over the {P_seq} devices of "
+            f"{axis_name!r}, so they must be divisible by {P_seq}; got {Nl}. Use strategy='ring' or 'auto'"
+        )
+    if strategy != "auto":
+        return Strategy(strategy, "asked for", ring_bytes, ulysses_bytes)
+    if P_seq == 1:
+        return Strategy("ring", "one device on the sequence axis: nothing is sent", ring_bytes, ulysses_bytes)
+    if not splits:
+        return Strategy("ring", f"the {Nl} query heads per device do not split over {P_seq} devices (Ulysses "
+                        "needs that)", ring_bytes, ulysses_bytes)
+    if ulysses_bytes < ring_bytes:
+        return Strategy("ulysses", f"the all-to-alls send fewer bytes per device ({ulysses_bytes}) than "
+                        f"{hops} ring hops ({ring_bytes})", ring_bytes, ulysses_bytes)
+    return Strategy("ring", f"{hops} ring hops send no more bytes per device ({ring_bytes}) than the "
+                    f"all-to-alls ({ulysses_bytes}), and overlap with compute", ring_bytes, ulysses_bytes)
+
+
+def explain_sequence_parallel(query, key, value, bias=None, mask=None, **kwargs) -> Strategy:
+    """Which strategy ``sequence_parallel_attention`` runs for these arguments, and why.
+
+    Takes exactly the arguments of ``sequence_parallel_attention`` (arrays or
+    ``jax.ShapeDtypeStruct``), validates them the same way, and computes nothing.
+    """
+    return _plan(query, key, value, bias, mask, **_split_kwargs(kwargs))
+
+
+def _split_kwargs(kwargs):
+    """``sequence_parallel_attention``'s keyword arguments as ``_plan``'s."""
+    kw = dict(kwargs)
+    named = {
+        "mesh": None, "axis_name": None, "batch_axis": None, "head_axis": None, "layout": "contiguous",
+        "strategy": "ring", "query_seq_lengths": None, "key_value_seq_lengths": None,
+        "q_segment_ids": None, "kv_segment_ids": None,
+    }
+    if "mesh" not in kw:
+        raise TypeError("mesh: expected a jax.sharding.Mesh (e.g. from jax.make_mesh), got nothing")
+    out = {name: kw.pop(name, default) for name, default in named.items()}
+    out["kwargs"] = kw
+    return out
+
+
+def sequence_parallel_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    mesh: Mesh,
+    axis_name: str,
+    batch_axis: str | None = None,
+    head_axis: str | None = None,
+    layout: str = "contiguous",
+    strategy: str = "ring",
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    **kwargs,
+):
+    """Attention with the sequence sharded over mesh axis ``axis_name`` (ring or Ulysses).
+
+    ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Hv]`` are GLOBAL arrays,
+    sharded or not; T and S must be divisible by P (by 2P for ``layout='zigzag'``). Rows are
+    stored in ``layout``: for ``'zigzag'`` (causal load balance) the caller has permuted them
+    with ``jattn.ring.to_layout`` and passes positions ``jattn.ring.layout_positions`` to RoPE;
+    see ``jattn.ring``. Optionally shard the batch over ``batch_axis`` and the heads (N and K)
+    over ``head_axis``. ``strategy`` is ``'ring'`` (default), ``'ulysses'`` (the heads per
+    device must be divisible by P) or ``'auto'`` (see the module docstring and
+    ``explain_sequence_parallel``). ``kwargs``: ``is_causal``, ``scale``, ``logits_soft_cap``,
+    ``local_window_size``, ``block_sizes``. Lengths ``[B]`` and segment ids ``[B, T]`` /
+    ``[B, S]`` are as in ``jattn.dot_product_attention`` (segment ids in the same layout as
+    the rows).
+
+    Returns ``[B, T, N, Hv]`` sharded as ``P(batch_axis, axis_name, head_axis)``, equal to
+    ``jattn.dot_product_attention`` on the same arrays.
+    """
+    plan = _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis, layout, strategy,
+                 query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids, kwargs)
     rows = P(batch_axis, axis_name, head_axis)  # [B, T|S, N|K, H]
     arrays = {"query": query, "key": key, "value": value}
     specs = {"query": rows, "key": rows, "value": rows}
@@ -113,17 +205,19 @@ def sequence_parallel_attention(
     for name, (x, spec) in per_example.items():
         if x is not None:
             arrays[name], specs[name] = x, spec
-    return _run(arrays, tuple(specs.items()), mesh, axis_name, rows, layout, tuple(sorted(kwargs.items())))
+    options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+    return _run(arrays, tuple(specs.items()), mesh, axis_name, rows, layout, plan.strategy, options)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
-def _run(arrays, specs, mesh, axis_name, rows, layout, options):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
+def _run(arrays, specs, mesh, axis_name, rows, layout, strategy, options):
     """Jitted, so that eager calls do not run the shard_map body op by op."""
     specs = dict(specs)
     arrays = {name: _place(x, mesh, specs[name]) for name, x in arrays.items()}
+    attend = ulysses_attention if strategy == "ulysses" else ring_attention
 
     def local(arrays):
-        return ring_attention(**arrays, axis_name=axis_name, layout=layout, **dict(options))
+        return attend(**arrays, axis_name=axis_name, layout=layout, **dict(options))
 
     return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=rows)(arrays)
 
@@ -150,6 +244,7 @@ def _attention_fn(
     batch_axis: str | None,
     head_axis: str | None,
     layout: str,
+    strategy: str,
 ):
     """``jattn.flax_attention_fn``'s signature on ``sequence_parallel_attention`` (see the factory)."""
     del broadcast_dropout, precision  # no dropout here; softmax is always fp32
@@ -170,7 +265,8 @@ def _attention_fn(
     query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
     return sequence_parallel_attention(
         query, key, value, mesh=mesh, axis_name=axis_name, batch_axis=batch_axis,
-        head_axis=head_axis, layout=layout, is_causal=is_causal, logits_soft_cap=logits_soft_cap,
+        head_axis=head_axis, layout=layout, strategy=strategy, is_causal=is_causal,
+        logits_soft_cap=logits_soft_cap,
     )
 
 
@@ -181,6 +277,7 @@ def sequence_parallel_attention_fn(
     batch_axis: str | None = None,
     head_axis: str | None = None,
     layout: str = "contiguous",
+    strategy: str = "ring",
 ):
     """An ``attention_fn`` for ``jattn.nnx.MultiHeadAttention`` (or any caller of the
     ``jattn.flax_attention_fn`` signature) that runs ``sequence_parallel_attention``.
@@ -194,6 +291,7 @@ def sequence_parallel_attention_fn(
     dense): decode with a module built on the default ``jattn.flax_attention_fn`` (the
     parameters are the same). Rows are in ``layout``; for ``'zigzag'`` the caller permutes
     the sequence (``jattn.ring.to_layout``) and positions (``jattn.ring.layout_positions``).
+    ``strategy`` is as in ``sequence_parallel_attention``.
     """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh (e.g. from jax.make_mesh), got {type(mesh).__name__}")
@@ -201,6 +299,8 @@ def sequence_parallel_attention_fn(
         if (axis is not None or name == "axis_name") and axis not in mesh.axis_names:
             raise ValueError(f"{name}: expected one of the mesh axes {tuple(mesh.axis_names)}, got {axis!r}")
     _checks.choice("layout", layout, LAYOUTS)
+    _checks.choice("strategy", strategy, STRATEGIES)
     return functools.partial(
-        _attention_fn, mesh=mesh, axis_name=axis_name, batch_axis=batch_axis, head_axis=head_axis, layout=layout
+        _attention_fn, mesh=mesh, axis_name=axis_name, batch_axis=batch_axis, head_axis=head_axis, layout=layout,
+        strategy=strategy,
     )

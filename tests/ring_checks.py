@@ -1,6 +1,6 @@
 """Multi-device checks of ring attention, run by tests/test_ring.py in a subprocess.
 
-Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors}; prints one
+Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors, ulysses}; prints one
 JSON object (check name -> measured values). XLA_FLAGS must give 8 host devices before jax
 is imported, which is why this is a separate process.
 """
@@ -49,7 +49,7 @@ def _segments(B, T):
 
 
 def _compare(mesh, seed=0, *, layout="contiguous", grads=True, dtype=jnp.float32, seg=False,
-             kv_lengths=None, q_lengths=None, wrap=(None, None), **kwargs):
+             kv_lengths=None, q_lengths=None, wrap=(None, None), strategy="ring", **kwargs):
     """(forward error, [dq, dk, dv errors]) of the ring against single-device attention.
 
     The ring sees the inputs permuted into ``layout`` and its output is permuted back;
@@ -74,7 +74,7 @@ def _compare(mesh, seed=0, *, layout="contiguous", grads=True, dtype=jnp.float32
         lengths = {n: x for n, x in extra.items() if n.endswith("lengths")}
         out = jattn.sequence_parallel_attention(
             to(q), to(k), to(v), mesh=mesh, axis_name="s", batch_axis=batch_axis,
-            head_axis=head_axis, layout=layout, **seg_ids, **lengths, **kwargs,
+            head_axis=head_axis, layout=layout, strategy=strategy, **seg_ids, **lengths, **kwargs,
         )
         return out
 
@@ -157,6 +157,46 @@ def forward():
     return r
 
 
+def ulysses():
+    """Ulysses (all-to-all) parity, kv-head replication, 'auto', and the collectives in its HLO."""
+    seq8 = jax.make_mesh((8,), ("s",))
+    grid = jax.make_mesh((2, 4), ("d", "s"))
+    heads = jax.make_mesh((4, 2), ("s", "h"))
+    u = dict(strategy="ulysses")
+    r = {}
+    r["causal_contiguous_mha"] = _compare(seq8, 21, is_causal=True, N=8, K=8, **u)
+    # K=2 on 8 devices: each kv head sent 4 times; zig-zag, segments, lengths.
+    r["causal_zigzag_gqa_replicated_seg_lengths"] = _compare(
+        seq8, 22, layout="zigzag", is_causal=True, seg=True, kv_lengths=[16, 11], q_lengths=[13, 16], N=8, K=2, **u
+    )
+    r["grid_batch_axis_mqa_window_softcap"] = _compare(
+        grid, 23, layout="zigzag", is_causal=True, local_window_size=(3, 0), logits_soft_cap=2.0, B=4, N=4, K=1,
+        wrap=("d", None), **u
+    )
+    r["head_axis_gqa_forward"] = _compare(heads, 24, is_causal=True, N=8, K=2, wrap=(None, "h"), grads=False, **u)
+    r["auto_picks_ulysses"] = _compare(seq8, 25, is_causal=True, N=8, K=8, strategy="auto")
+
+    def collectives(strategy, N):
+        q = jax.ShapeDtypeStruct((1, 64, N, 8), jnp.float32)
+        f = jax.jit(lambda q: jattn.sequence_parallel_attention(q, q, q, mesh=seq8, axis_name="s", strategy=strategy))
+        with jax.set_mesh(seq8):
+            hlo = f.lower(q).compile().as_text()
+        return [hlo.count(" all-to-all("), hlo.count(" collective-permute(")]
+
+    def explain(N, K, **kw):
+        q = jax.ShapeDtypeStruct((1, 64, N, 8), jnp.float32)
+        kv = jax.ShapeDtypeStruct((1, 64, K, 8), jnp.float32)
+        e = jattn.explain_sequence_parallel(q, kv, kv, mesh=seq8, axis_name="s", strategy="auto", **kw)
+        return [e.strategy, e.reason, e.ring_bytes, e.ulysses_bytes]
+
+    r["hlo_ulysses"] = collectives("ulysses", 8)
+    r["hlo_ring"] = collectives("ring", 8)
+    r["explain_mha"] = explain(8, 8)
+    r["explain_heads_do_not_split"] = explain(6, 6)
+    r["explain_small_window"] = explain(8, 8, is_causal=True, local_window_size=(4, 0))
+    return r
+
+
 def windows():
     """Local windows (shortened schedules) and steps cut into several tiles, forward and grads."""
     seq8 = jax.make_mesh((8,), ("s",))
@@ -231,5 +271,8 @@ def errors():
 
 if __name__ == "__main__":
     group = sys.argv[1]
-    groups = {"gradients": gradients, "forward": forward, "windows": windows, "memory": memory, "errors": errors}
+    groups = {
+        "gradients": gradients, "forward": forward, "windows": windows, "memory": memory, "errors": errors,
+        "ulysses": ulysses,
+    }
     print(json.dumps(groups[group]()))
