@@ -1,7 +1,8 @@
 """Toy trainer faults, with real ``train_toy.py`` processes: a run never ends "successfully" in
 a broken state, and never loses its last good state.
 
-Covered: SIGKILL mid-run then resume; a checkpoint with corrupted bytes, truncated, or missing
+Covered: SIGKILL mid-run then resume (the losses equal an uninterrupted run's; leftovers of
+an unfinished save are never loaded); a checkpoint with corrupted bytes, truncated, or missing
 its metadata (fall back to the older intact one, with a warning naming the damaged one); every
 checkpoint damaged; a garbage line in metrics.jsonl; a garbage config.json; two runs on one
 workdir (and a SIGKILLed holder's lock); Ctrl-C; a diverging run (NaN) and non-finite
@@ -19,6 +20,7 @@ import json
 import os
 import pathlib
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -142,12 +144,39 @@ def _assert_finished_from(proc, workdir, step, killed_run):
     assert _checkpoints(workdir) == ["8", "12"]  # max_checkpoints_to_keep=2
 
 
-def test_resume_after_sigkill(copy_of_killed, killed_run, env):
+def _uninterrupted_losses() -> list[float]:
+    """Loss of each of the 12 steps, trained in this process with the trainer's own steps."""
+    from jattn.toy import mesh as mesh_lib, train
+
+    config = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
+    config.num_train_steps = 12
+    mesh = mesh_lib.make_mesh(config.mesh, config.batch_size)
+    graphdef, state = train.create_train_state(config, mesh)
+    steps = train.jit_steps(config, graphdef, mesh)
+    losses = []
+    for step in range(config.num_train_steps):
+        state, metrics = steps.train_step(state, steps.train_batch(step))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(copy_of_killed, killed_run, env):
     holder = (copy_of_killed / workdir_lock.LOCK_FILE).read_text()
     assert holder.startswith("pid ")  # the killed run's record is left behind and does not block
+    ckpts = copy_of_killed / "checkpoints"
+    # What a save killed midway would leave, and a step directory orbax never finished:
+    # neither may be loaded (nor reported as damaged).
+    (ckpts / "12.orbax-checkpoint-tmp-1234" / "default").mkdir(parents=True)
+    (ckpts / "12.orbax-checkpoint-tmp-1234" / "default" / "garbage").write_text("partial")
+    (ckpts / "11" / "default").mkdir(parents=True)
     proc = _train(copy_of_killed, env=env)
+    assert f"discarded incomplete checkpoint {ckpts / '11'}" in proc.stdout
     _assert_finished_from(proc, copy_of_killed, 8, killed_run)
     assert "WARNING" not in proc.stderr
+    expected = _uninterrupted_losses()
+    np.testing.assert_allclose([r["loss"] for r in _rows(copy_of_killed)], expected, rtol=0, atol=1e-6)
+    summary = json.loads((copy_of_killed / "summary.json").read_text())
+    assert abs(summary["final_loss"] - expected[-1]) <= 1e-6
 
 
 def _data_file(step_dir: pathlib.Path) -> pathlib.Path:
