@@ -105,7 +105,7 @@ def block_arrays(partial, full):
 
 
 def _block_size_pair(block_size) -> tuple[int, int]:
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    pair = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else tuple(block_size)
     if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair):
         raise ValueError(f"block_size: expected a positive int or (block_q, block_kv), got {block_size!r}")
     return pair
