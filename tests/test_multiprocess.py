@@ -1,6 +1,8 @@
 """Real multi-process runs: 2 processes x 4 CPU devices on localhost (``jax.distributed`` with
 gloo collectives), launched from here with a free port, bounded time, and both processes
-always reaped. The work itself is in tests/multiprocess_worker.py."""
+always reaped. The work itself is in tests/multiprocess_worker.py: ring and Ulysses parity,
+the toy trainer's steps on a data x sequence mesh across both processes, and a process that
+dies mid-run."""
 
 from __future__ import annotations
 
@@ -57,17 +59,33 @@ def _launch(mode: str, out_dir, *extra: str, timeout: float = 240):
     return results
 
 
-def test_two_processes_match_one_device(tmp_path):
-    results = _launch("parity", tmp_path)
+@pytest.fixture(scope="module")
+def parity_run(tmp_path_factory):
+    """One 2-process launch for attention parity and the trainer's steps (saves a start-up)."""
+    out = tmp_path_factory.mktemp("parity")
+    results = _launch("parity", out, timeout=420)
     for code, err, _ in results:
         assert code == 0, err[-3000:]
+    return out
+
+
+def test_two_processes_match_one_device(parity_run):
     for pid in range(2):
-        r = json.loads((tmp_path / f"parity_{pid}.json").read_text())
+        r = json.loads((parity_run / f"parity_{pid}.json").read_text())
         assert (r["process_count"], r["device_count"], r["local_devices"]) == (2, 8, 4), r
         for strategy in ("ring", "ulysses"):
             assert r[strategy]["shards_here"] == 4, r  # each process holds half of the sequence
             assert r[strategy]["forward"] < 1e-5, (pid, strategy, r[strategy])
             assert max(r[strategy]["grads"]) < 1e-4, (pid, strategy, r[strategy])
+
+
+def test_toy_training_steps_across_two_processes_match_one_device(parity_run):
+    reports = [json.loads((parity_run / f"trainer_{pid}.json").read_text()) for pid in range(2)]
+    for r in reports:
+        assert r["row_processes"] == [[0, 0, 1, 1], [0, 0, 1, 1]], r  # each sequence row spans both
+        assert len(r["two_processes"]) == 3 and r["two_processes"] == reports[0]["two_processes"], reports
+        for a, b in zip(r["two_processes"], r["one_device"]):
+            assert abs(a - b) <= 1e-5 * abs(b), r
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker_dies", "coordinator_dies"])
