@@ -1,7 +1,7 @@
 """Fixed-size KV cache for autoregressive decoding, shared by the NNX and Linen modules.
 
 Shape glossary: B batch (any number of leading dims; flattened inside), T new tokens in this
-call, L cache capacity (max length), K kv heads, H head dim, F input features.
+call, L cache capacity (max length), N query heads, K kv heads, H head dim, F input features.
 
 Layout: ``cached_key``/``cached_value`` are ``[*B, L, K, H]`` (K kv heads, never repeated for
 GQA/MQA) and ``cache_index`` is ``[*B]`` int32: the number of valid tokens in each row.
@@ -10,7 +10,16 @@ Ragged batches are RIGHT-padded: a call brings ``[*B, T]`` new tokens of which t
 ``lengths[b]`` are real. Row b writes its T tokens at positions ``cache_index[b] + t``; only
 ``cache_index[b] + lengths[b]`` of them count, so the padding is masked out and overwritten
 by the row's next call. Writes at positions ``>= L`` are dropped (never clamped onto other
-slots); eagerly this is a ``ValueError``, under ``jit`` the caller must keep rows within L.
+slots).
+
+Misuse is never silent. A call whose shapes cannot fit (T > L) is a ``ValueError`` at trace
+time. A row that would go past the cache (``cache_index + lengths > L``) or whose ``lengths``
+is negative or larger than T is a ``ValueError`` when the values are known (eager calls).
+Under ``jit`` the values are not known while tracing, so such a row is POISONED instead:
+nothing is written to it, its ``cache_index`` becomes ``POISONED`` (-1), and the module's
+output for the row is NaN -- in this call and in every later decode call on that row, until
+``init_cache`` is called again (an eager call on a poisoned cache raises ``ValueError``).
+``jnp.any(cache_index < 0)`` is the flag to check after a jitted decode loop.
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import _checks, masks
-from jattn.rope import apply_rope
 
 
 def input_shape(shape, features: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -40,12 +48,20 @@ def input_shape(shape, features: tuple[int, ...] | None = None) -> tuple[int, ..
     return tuple(shape)
 
 
-class Step(NamedTuple):
-    key: jax.Array  # [*B, L, K, H] the whole cache after the write
+POISONED = -1  # cache_index of a row that a decode under jit could not write
+
+
+class Cache(NamedTuple):
+    key: jax.Array  # [*B, L, K, H]
     value: jax.Array  # [*B, L, K, Hv]
-    index: jax.Array  # [*B] valid tokens per row after this call
+    index: jax.Array  # [*B] int32 valid tokens per row (POISONED after an out-of-range jitted call)
+
+
+class Step(NamedTuple):
+    cache: Cache  # the whole cache after the write
     positions: jax.Array  # [*B, T] absolute position of each new token
     mask: jax.Array  # [*B, 1, T, L] bool: which cache slots each new query sees
+    ok: jax.Array  # [*B] bool: False for a poisoned row (its outputs must become NaN)
 
 
 def positions(index: jax.Array, T: int) -> jax.Array:
@@ -53,14 +69,23 @@ def positions(index: jax.Array, T: int) -> jax.Array:
     return index[..., None] + jnp.arange(T, dtype=index.dtype)  # [*B, T]
 
 
-def check_step(cached_key, cache_index, key_shape, query_len: int, lengths) -> None:
-    """Static checks of one decode call against the cache (trace time), plus an eager bound check."""
-    *batch, L, K, H = cached_key.shape
+def check_step(cache: Cache, key_shape, query_len: int, lengths, mask, num_heads: int) -> None:
+    """Static checks of one decode call against the cache (trace time), plus eager value checks.
+
+    Args:
+      cache: the cache before the call.
+      key_shape: shape of the new keys ``[*B, T, K, H]``.
+      query_len: T of the new queries.
+      lengths: ``[*B]`` int valid new tokens per row, or None (all T).
+      mask: the caller's mask, broadcastable to ``[*B, N, T, L]``, or None.
+      num_heads: N.
+    """
+    *batch, L, K, H = cache.key.shape
     *kbatch, T, Kk, Hk = key_shape
     if tuple(kbatch) != tuple(batch) or (Kk, Hk) != (K, H):
         raise ValueError(
             f"decode: expected new keys of shape {tuple(batch) + ('T', K, H)} to match the cache "
-            f"{tuple(cached_key.shape)} (init_cache input_shape), got {tuple(key_shape)}"
+            f"{tuple(cache.key.shape)} (init_cache input_shape), got {tuple(key_shape)}"
         )
     if query_len != T:
         raise ValueError(f"decode: expected as many query tokens as new keys ({T}), got {query_len}")
@@ -69,97 +94,68 @@ def check_step(cached_key, cache_index, key_shape, query_len: int, lengths) -> N
     if lengths is not None:
         _checks.integer("lengths", lengths)
         _checks.exact_shape("lengths", lengths, tuple(batch), "[*B] valid new tokens per row")
-    if any(isinstance(a, jax.core.Tracer) for a in (cache_index, lengths)):
-        return  # under jit the values are unknown; writes past L are dropped
+    if mask is not None:
+        target = tuple(batch) + (num_heads, T, L)
+        shape = _checks.shape_of("mask", mask)
+        try:
+            fits = len(shape) <= len(target) and np.broadcast_shapes(shape, target) == target
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"mask: expected a shape that broadcasts to [*B, N, T, L] = {target} in decode mode "
+                f"(L = max_length of the cache), got {shape}"
+            )
+    if any(isinstance(a, jax.core.Tracer) for a in (cache.index, lengths)):
+        return  # under jit the values are unknown: bad rows are poisoned by ``step``
+    index = np.asarray(cache.index)
+    if np.any(index < 0):
+        raise ValueError(
+            f"cache_index: rows {np.flatnonzero(index.reshape(-1) < 0).tolist()} were poisoned by an "
+            "out-of-range decode under jit (cache_index = -1); call init_cache to start again"
+        )
     n_new = np.full(tuple(batch), T) if lengths is None else np.asarray(lengths)
     if np.any(n_new < 0) or np.any(n_new > T):
         raise ValueError(f"lengths: expected values in [0, {T}], got {n_new.tolist()}")
-    held = np.asarray(cache_index) + n_new
+    held = index + n_new
     if np.any(held > L):
         raise ValueError(f"decode: writing past the cache: rows would hold {held.tolist()} tokens, max_length is {L}")
 
 
 @functools.partial(jax.jit, static_argnames=("is_causal",))
-def step(cached_key, cached_value, cache_index, key, value, lengths=None, *, is_causal: bool) -> Step:
+def step(cache: Cache, key, value, lengths=None, *, is_causal: bool) -> Step:
     """Write ``key/value [*B, T, K, H]`` at each row's index; build the decode mask.
 
     Query t of row b sits at position ``index[b] + t``. It sees cache slot s iff
     ``s < index[b] + lengths[b]`` (written and valid) and, with ``is_causal``, ``s <= index[b] + t``.
+    A row whose index is POISONED, or whose lengths are outside ``[0, T]`` or would go past L,
+    writes nothing, gets ``index = POISONED`` and ``ok = False``.
     """
-    *batch, L, K, H = cached_key.shape
+    *batch, L, K, H = cache.key.shape
     T = key.shape[-3]
     B = math.prod(batch)
-    index = jnp.reshape(cache_index, (B,))  # [B]
+    index = jnp.reshape(cache.index, (B,))  # [B]
+    n_new = jnp.full((B,), T, index.dtype) if lengths is None else jnp.reshape(jnp.asarray(lengths, index.dtype), (B,))
+    ok = (index >= 0) & (n_new >= 0) & (n_new <= T) & (index + n_new <= L)  # [B]
     pos = positions(index, T)  # [B, T]
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))  # [B, T]
+    slots = jnp.where(ok[:, None], pos, L)  # [B, T]: a poisoned row writes nothing (L is dropped)
 
-    def write(cache, new):
-        flat = jnp.reshape(cache, (B, L) + cache.shape[-2:])  # [B, L, K, H]
-        new = jnp.reshape(new, (B, T) + new.shape[-2:]).astype(cache.dtype)  # [B, T, K, H]
-        flat = flat.at[rows, pos].set(new, mode="drop")
-        return jnp.reshape(flat, cache.shape)  # [*B, L, K, H]
+    def write(full, new):
+        flat = jnp.reshape(full, (B, L) + full.shape[-2:])  # [B, L, K, H]
+        new = jnp.reshape(new, (B, T) + new.shape[-2:]).astype(full.dtype)  # [B, T, K, H]
+        flat = flat.at[rows, slots].set(new, mode="drop")
+        return jnp.reshape(flat, full.shape)  # [*B, L, K, H]
 
-    n_new = T if lengths is None else jnp.reshape(jnp.asarray(lengths, index.dtype), (B,))
     end = index + n_new  # [B]
     slot = jnp.arange(L)[None, None, :]  # [1, 1, L]
     visible = masks.padding(pos[:, :, None], slot, kv_length=end[:, None, None])  # [B, T, L]
     if is_causal:
         visible = visible & masks.causal(pos[:, :, None], slot)  # [B, T, L]
+    new_index = jnp.where(ok, end, POISONED).astype(cache.index.dtype)  # [B]
     return Step(
-        key=write(cached_key, key),
-        value=write(cached_value, value),
-        index=jnp.reshape(end, tuple(batch)).astype(cache_index.dtype),
+        cache=Cache(write(cache.key, key), write(cache.value, value), jnp.reshape(new_index, tuple(batch))),
         positions=jnp.reshape(pos, tuple(batch) + (T,)),  # [*B, T]
         mask=jnp.reshape(visible, tuple(batch) + (1, T, L)),  # [*B, 1, T, L]
+        ok=jnp.reshape(ok, tuple(batch)),  # [*B]
     )
-
-
-# ----------------------------------------------------------------------------------------
-# What both modules do around the cache.
-# ----------------------------------------------------------------------------------------
-
-
-def module_inputs(inputs_q, inputs_k, inputs_v, features: tuple[int, int] | None = None):
-    """Flax's defaults (``inputs_k = inputs_q``, ``inputs_v = inputs_k``) and rank checks.
-
-    ``features = (F_q, F_kv)`` also checks the last dims. Returns the three arrays.
-    """
-    if inputs_k is None:
-        if inputs_v is not None:
-            raise ValueError("inputs_k: expected an array when inputs_v is given, got None")
-        inputs_k = inputs_q
-    if inputs_v is None:
-        inputs_v = inputs_k
-    wanted = (None, None, None) if features is None else (features[0], features[1], features[1])
-    for name, x, f in zip(("inputs_q", "inputs_k", "inputs_v"), (inputs_q, inputs_k, inputs_v), wanted):
-        shape = _checks.rank(name, x, tuple(range(2, 64)), "[*B, length, features]")
-        if f is not None and shape[-1] != f:
-            raise ValueError(f"{name}: expected {f} features (last dim), got shape {shape}")
-    return inputs_q, inputs_k, inputs_v
-
-
-def rope_full_pass(query, key, positions, kv_positions, rope_base):
-    """RoPE on a full (non-decode) pass: positions default to ``0..T-1`` / ``0..S-1``."""
-    if rope_base is None:
-        return query, key
-    T, S = query.shape[-3], key.shape[-3]
-    query = apply_rope(query, jnp.arange(T) if positions is None else positions, rope_base)
-    key = apply_rope(key, jnp.arange(S) if kv_positions is None else kv_positions, rope_base)
-    return query, key
-
-
-def decode(cached_key, cached_value, cache_index, query, key, value, mask, lengths, *,
-           is_causal: bool, rope_base, rope_positions=None, rope_kv_positions=None):
-    """One decode call: checks, RoPE at the cache positions, the cache write, the mask.
-
-    Returns ``(query, step, mask)``: attend ``query`` over ``step.key/step.value`` with
-    ``mask`` (the step's cache-aligned mask, AND the caller's) and ``is_causal=False``.
-    """
-    check_step(cached_key, cache_index, key.shape, query.shape[-3], lengths)
-    if rope_base is not None:
-        pos = positions(cache_index, query.shape[-3])  # [*B, T]
-        query = apply_rope(query, pos if rope_positions is None else rope_positions, rope_base)
-        key = apply_rope(key, pos if rope_kv_positions is None else rope_kv_positions, rope_base)
-    new = step(cached_key, cached_value, cache_index, key, value, lengths, is_causal=is_causal)
-    merged = new.mask if mask is None else jnp.logical_and(new.mask, jnp.asarray(mask) != 0)
-    return query, new, merged

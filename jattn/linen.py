@@ -13,6 +13,12 @@ Decoding: the ``'cache'`` collection holds ``cached_key/cached_value [*B, L, K, 
 Create it as in Flax, ``model.init(key, x_of_shape_[*B, L, F])`` with ``decode=True``, or
 with ``model.init(key, (B, L, F), method=model.init_cache)``; then
 ``model.apply({'params': p, 'cache': c}, x, mutable=['cache'])`` appends ``x``'s tokens.
+
+Decoding misuse is never silent: eagerly, a call that would write past the cache or has
+``lengths`` outside ``[0, T]`` raises ``ValueError``; under ``jit`` (where the values are not
+known while tracing) the row is poisoned instead -- its outputs are NaN, nothing is written,
+and its ``cache_index`` becomes -1 for every later call until ``init_cache``. Check
+``jnp.any(cache_index < 0)`` after a jitted decode loop (see ``jattn._kv_cache``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from flax.linen import initializers
 from flax.linen.linear import default_kernel_init
 from flax.linen.module import merge_param
 
-from jattn import _checks, _kv_cache
+from jattn import _checks, _kv_cache, _module_core
 from jattn.flax_attention_fn import flax_attention_fn
 
 
@@ -72,16 +78,8 @@ class MultiHeadAttention(nn.Module):
 
     def _heads(self, features: int) -> tuple[int, int, int]:
         """(N, K, H) for inputs with ``features`` channels, or a ValueError."""
-        qkv = self.qkv_features or features
-        K = self.num_kv_heads or self.num_heads
-        if K <= 0 or self.num_heads % K:
-            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={self.num_heads}, got {K}")
-        if qkv % self.num_heads:
-            raise ValueError(f"qkv_features: expected a multiple of num_heads={self.num_heads}, got {qkv}")
-        H = qkv // self.num_heads
-        if self.rope_base is not None and H % 2:
-            raise ValueError(f"rope_base: RoPE needs an even head dim, got head_dim={H}")
-        return self.num_heads, K, H
+        qkv = self.qkv_features if self.qkv_features is not None else features
+        return _module_core.head_dims(self.num_heads, self.num_kv_heads, qkv, self.rope_base)
 
     def init_cache(self, input_shape, dtype=jnp.float32) -> None:
         """Put an empty cache for inputs ``[*B, max_length, F]`` in the ``'cache'`` collection."""
@@ -119,11 +117,10 @@ class MultiHeadAttention(nn.Module):
         ``lengths [*B]`` (valid new tokens per row, right padding), as in
         ``jattn.nnx.MultiHeadAttention``. ``positions``/``kv_positions``: RoPE positions.
         """
-        inputs_q, inputs_k, inputs_v = _kv_cache.module_inputs(inputs_q, inputs_k, inputs_v)
+        inputs_q, inputs_k, inputs_v = _module_core.module_inputs(inputs_q, inputs_k, inputs_v)
         N, K, H = self._heads(inputs_q.shape[-1])
         decode = self.decode if decode is None else decode
-        if lengths is not None and not decode:
-            raise ValueError("lengths: only used with decode=True (use mask otherwise), got an array")
+        _module_core.check_lengths_use(lengths, decode)
 
         def dense(heads, name):
             return nn.DenseGeneral(
@@ -141,41 +138,34 @@ class MultiHeadAttention(nn.Module):
             query = norm("query_ln")(query)
             key = norm("key_ln")(key)
 
+        cache = None
         if decode and self.has_variable("cache", "cached_key"):
-            cached_key = self.variable("cache", "cached_key")
-            cached_value = self.variable("cache", "cached_value")
-            cache_index = self.variable("cache", "cache_index")
-            query, step, mask = _kv_cache.decode(
-                cached_key.value, cached_value.value, cache_index.value, query, key, value, mask,
-                lengths, is_causal=is_causal, rope_base=self.rope_base,
-                rope_positions=positions, rope_kv_positions=kv_positions,
+            names = ("cached_key", "cached_value", "cache_index")
+            cache = _kv_cache.Cache(*(self.get_variable("cache", n) for n in names))
+        elif decode and not self.is_initializing():
+            raise ValueError(
+                "decode: the KV cache is not initialised; call init (with decode=True) or "
+                "init_cache(input_shape, dtype) first and pass the 'cache' collection"
             )
-            cached_key.value, cached_value.value, cache_index.value = step.key, step.value, step.index
-            key, value = step.key, step.value  # [*B, L, K, H]
-            is_causal = False  # the step mask holds the cache-aligned causal structure
-        else:
-            if decode and not self.is_initializing():
-                raise ValueError(
-                    "decode: the KV cache is not initialised; call init (with decode=True) or "
-                    "init_cache(input_shape, dtype) first and pass the 'cache' collection"
-                )
-            if decode:  # Flax's pattern: init with full-length inputs allocates the cache
-                self.init_cache(inputs_k.shape[:-1] + inputs_q.shape[-1:], key.dtype)
-            query, key = _kv_cache.rope_full_pass(query, key, positions, kv_positions, self.rope_base)
+        elif decode:  # Flax's pattern: init with full-length inputs allocates the cache
+            self.init_cache(inputs_k.shape[:-1] + inputs_q.shape[-1:], key.dtype)
 
-        if self.dropout_rate > 0.0:
-            deterministic = merge_param("deterministic", self.deterministic, deterministic)
-            if not deterministic and dropout_rng is None:
-                dropout_rng = self.make_rng("dropout")
-        else:
-            deterministic = True
-        x = self.attention_fn(
-            query, key, value, mask=mask,
-            dropout_rng=dropout_rng, dropout_rate=self.dropout_rate, deterministic=deterministic,
-            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype,
-            module=self if sow_weights else None, is_causal=is_causal,
-            implementation=self.implementation, logits_soft_cap=self.logits_soft_cap,
+        dropout = self.dropout_rate > 0.0 and _module_core.dropout_active(
+            self.dropout_rate, merge_param("deterministic", self.deterministic, deterministic)
+        )
+        if dropout and dropout_rng is None:
+            dropout_rng = self.make_rng("dropout")
+        x, cache = _module_core.attend(
+            query, key, value, attention_fn=self.attention_fn, cache=cache, mask=mask, lengths=lengths,
+            is_causal=is_causal, positions=positions, kv_positions=kv_positions, rope_base=self.rope_base,
+            dropout_rng=dropout_rng if dropout else None, dropout_rate=self.dropout_rate,
+            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype, precision=self.precision,
+            sow_into=self if sow_weights else None, implementation=self.implementation,
+            logits_soft_cap=self.logits_soft_cap,
         )  # [*B, T, N, H]
+        if cache is not None:
+            for name, array in zip(("cached_key", "cached_value", "cache_index"), cache):
+                self.put_variable("cache", name, array)
         return nn.DenseGeneral(  # [*B, T, N, H] -> [*B, T, F_out]
             features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
             kernel_init=self.out_kernel_init or self.kernel_init,

@@ -11,6 +11,12 @@ Parameters are Flax's, with the same names and shapes: ``query.kernel [F, N, H]`
 Decoding (``decode=True`` after ``init_cache``) appends any number of new tokens per call,
 with per-row lengths for right-padded ragged prompts (see ``jattn._kv_cache``); with
 ``is_causal=True`` the causal mask is aligned to each row's cache position.
+
+Decoding misuse is never silent: eagerly, a call that would write past the cache or has
+``lengths`` outside ``[0, T]`` raises ``ValueError``; under ``jit`` (where the values are not
+known while tracing) the row is poisoned instead -- its outputs are NaN, nothing is written,
+and its ``cache_index`` becomes -1 for every later call until ``init_cache``. Check
+``jnp.any(cache_index < 0)`` after a jitted decode loop (see ``jattn._kv_cache``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ except ModuleNotFoundError as err:  # Flax is the `flax` extra, not a core depen
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 
-from jattn import _checks, _kv_cache
+from jattn import _checks, _kv_cache, _module_core
 from jattn.flax_attention_fn import flax_attention_fn
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -102,16 +108,9 @@ class MultiHeadAttention(nnx.Module):
         self.qkv_features = qkv_features if qkv_features is not None else in_features
         self.out_features = out_features if out_features is not None else in_features
         self.in_kv_features = in_kv_features if in_kv_features is not None else in_features
-        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
-        if self.num_kv_heads <= 0 or num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {self.num_kv_heads}")
-        if self.qkv_features % num_heads:
-            raise ValueError(
-                f"qkv_features: expected a multiple of num_heads={num_heads}, got {self.qkv_features}"
-            )
-        self.head_dim = self.qkv_features // num_heads
-        if rope_base is not None and self.head_dim % 2:
-            raise ValueError(f"rope_base: RoPE needs an even head dim, got head_dim={self.head_dim}")
+        _, self.num_kv_heads, self.head_dim = _module_core.head_dims(
+            num_heads, num_kv_heads, self.qkv_features, rope_base
+        )
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.broadcast_dropout = broadcast_dropout
@@ -175,15 +174,9 @@ class MultiHeadAttention(nnx.Module):
         self.cache_index = nnx.Cache(jnp.zeros(shape[:-3], jnp.int32))
 
     def _dropout_rng(self, deterministic, rngs):
-        if self.dropout_rate == 0.0:
-            return None
+        """A dropout key when dropout runs in this call, else None."""
         deterministic = deterministic if deterministic is not None else self.deterministic
-        if deterministic is None:
-            raise ValueError(
-                "deterministic: expected True or False (as a call argument or constructor argument) "
-                f"since dropout_rate={self.dropout_rate} > 0, got None"
-            )
-        if deterministic:
+        if not _module_core.dropout_active(self.dropout_rate, deterministic):
             return None
         stream = rngs if rngs is not None else self.rngs
         if isinstance(stream, nnx.Rngs):
@@ -223,12 +216,16 @@ class MultiHeadAttention(nnx.Module):
 
         ``positions [*B, T]`` / ``kv_positions [*B, S]``: RoPE positions (with ``rope_base``).
         """
-        inputs_q, inputs_k, inputs_v = _kv_cache.module_inputs(
+        inputs_q, inputs_k, inputs_v = _module_core.module_inputs(
             inputs_q, inputs_k, inputs_v, (self.in_features, self.in_kv_features)
         )
         decode = bool(decode if decode is not None else self.decode)
-        if lengths is not None and not decode:
-            raise ValueError("lengths: only used with decode=True (use mask otherwise), got an array")
+        _module_core.check_lengths_use(lengths, decode)
+        cache = None
+        if decode:
+            if self.cached_key is None:
+                raise ValueError("decode: the KV cache is not initialised; call init_cache(input_shape, dtype) first")
+            cache = _kv_cache.Cache(self.cached_key[...], self.cached_value[...], self.cache_index[...])
 
         query = self.query(inputs_q)  # [*B, T, N, H]
         key = self.key(inputs_k)  # [*B, S, K, H]
@@ -237,29 +234,14 @@ class MultiHeadAttention(nnx.Module):
             query = self.query_ln(query)
             key = self.key_ln(key)
 
-        if decode:
-            if self.cached_key is None:
-                raise ValueError("decode: the KV cache is not initialised; call init_cache(input_shape, dtype) first")
-            query, step, mask = _kv_cache.decode(
-                self.cached_key[...], self.cached_value[...], self.cache_index[...], query, key, value,
-                mask, lengths, is_causal=is_causal, rope_base=self.rope_base,
-                rope_positions=positions, rope_kv_positions=kv_positions,
-            )
-            self.cached_key[...] = step.key
-            self.cached_value[...] = step.value
-            self.cache_index[...] = step.index
-            key, value = step.key, step.value  # [*B, L, K, H]
-            is_causal = False  # the step mask holds the cache-aligned causal structure
-        else:
-            query, key = _kv_cache.rope_full_pass(query, key, positions, kv_positions, self.rope_base)
-
-        dropout_rng = self._dropout_rng(deterministic, rngs)
-        x = self.attention_fn(
-            query, key, value, mask=mask,
-            dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
-            broadcast_dropout=self.broadcast_dropout, deterministic=dropout_rng is None,
-            dtype=self.dtype, precision=self.precision,
-            module=self if sow_weights else None, is_causal=is_causal,
-            implementation=self.implementation, logits_soft_cap=self.logits_soft_cap,
+        x, cache = _module_core.attend(
+            query, key, value, attention_fn=self.attention_fn, cache=cache, mask=mask, lengths=lengths,
+            is_causal=is_causal, positions=positions, kv_positions=kv_positions, rope_base=self.rope_base,
+            dropout_rng=self._dropout_rng(deterministic, rngs), dropout_rate=self.dropout_rate,
+            broadcast_dropout=self.broadcast_dropout, dtype=self.dtype, precision=self.precision,
+            sow_into=self if sow_weights else None, implementation=self.implementation,
+            logits_soft_cap=self.logits_soft_cap,
         )  # [*B, T, N, H]
+        if cache is not None:
+            self.cached_key[...], self.cached_value[...], self.cache_index[...] = cache
         return self.out(x)  # [*B, T, F_out]

@@ -256,3 +256,41 @@ def test_attention_fn_is_called_like_flax_and_defaults_to_jattn():
         custom.apply({"params": params}, x, is_causal=True), default.apply({"params": params}, x, is_causal=True), **TOL
     )
     assert calls and {"mask", "dropout_rng", "is_causal", "implementation", "logits_soft_cap"} <= set(calls[0])
+
+
+def test_attention_fn_receives_precision():
+    import jax.lax
+    import jattn
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("precision", "missing"))
+        return jattn.flax_attention_fn(*args, **kwargs)
+
+    model = MultiHeadAttention(num_heads=2, precision=jax.lax.Precision.HIGHEST, attention_fn=recording)
+    model.init(KEY, normal(1, 3, 4))
+    assert seen == [jax.lax.Precision.HIGHEST]
+
+
+def test_jitted_decode_out_of_range_poisons_the_row():
+    model, params, cache = decode_setup(4, 2, B=2, L=3)
+    x = normal(2, 2, 6)
+    out, cache = decode(model, params, cache, x, lengths=jnp.array([2, 1]))  # rows hold 2, 1
+    out, cache = decode(model, params, cache, x, lengths=jnp.array([2, 2]))  # row 0 overflows
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+    np.testing.assert_array_equal(cache["cache_index"], [-1, 3])
+    out, _ = decode(model, params, cache, x[:, :1], lengths=jnp.array([0, 0]))
+    assert np.isnan(out[0]).all()
+    with pytest.raises(ValueError, match="cache_index"):
+        model.apply({"params": params, "cache": cache}, x[:, :1], mutable=["cache"])
+
+
+def test_decode_mask_shape_and_num_heads_are_named():
+    model, params, cache = decode_setup(4, 2, B=2, L=3)
+    with pytest.raises(ValueError, match="mask"):
+        model.apply({"params": params, "cache": cache}, normal(2, 1, 6), mask=jnp.ones((2, 4, 1, 4), bool),
+                    mutable=["cache"])
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="num_heads"):
+            MultiHeadAttention(bad).init(KEY, jnp.zeros((1, 2, 8)))
