@@ -15,6 +15,8 @@ Differences from Flax's ``dot_product_attention`` (on purpose):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax.numpy as jnp
 
 from jattn.multihead import dot_product_attention
@@ -47,6 +49,7 @@ def flax_attention_fn(
     *,
     implementation: str | None = None,
     logits_soft_cap: float | None = None,
+    attention: Callable = dot_product_attention,
 ):
     """Flax's ``dot_product_attention`` signature on top of ``jattn.dot_product_attention``.
 
@@ -55,7 +58,16 @@ def flax_attention_fn(
     Dropout runs when ``dropout_rate > 0``, ``deterministic`` is False and ``dropout_rng`` is
     given. With ``module`` set, the (pre-dropout) weights ``[*B, N, T, S]`` in the computation
     dtype are sown as ``attention_weights``. ``implementation`` and ``logits_soft_cap`` are
-    passed to the core. Returns ``[*B, T, N, Hv]``.
+    passed to the core.
+
+    ``attention`` is the function that computes attention, called as
+    ``attention(query, key, value, bias, mask, is_causal=, implementation=, logits_soft_cap=,
+    dropout_rate=, dropout_rng=, broadcast_dropout=, return_weights=)`` with
+    ``jattn.dot_product_attention``'s meaning; bind another one with ``functools.partial`` to
+    reuse this adapter (dtype casts, Flax's float masks, dropout resolution, sow) for another
+    core, e.g. a sequence-parallel one.
+
+    Returns ``[*B, T, N, Hv]``.
     """
     del precision  # see the module docstring
     dtype = dtype or jnp.result_type(query, key, value)
@@ -68,7 +80,7 @@ def flax_attention_fn(
             f"dropout_rng: expected a PRNG key when dropout_rate={dropout_rate} > 0 and "
             "deterministic=False, got None"
         )
-    result = dot_product_attention(
+    result = attention(
         query, key, value, bias, mask,
         is_causal=is_causal,
         implementation=implementation,
