@@ -72,7 +72,11 @@ def nnx_checks(mesh, x):
 
 def linen_checks(mesh, x):
     """Linen: DenseGeneral initialises kernels flat ([F, N*H]), so rank-3 ``nn.with_partitioning``
-    names fail at init; the params are placed with the same specs after an unsharded init."""
+    names fail at init; the params are placed with the same specs after an unsharded init.
+
+    The param specs are ours, so they are not reported as results. What is checked is what the
+    compiler derives from them: the output's sharding, the gradients' shardings, and the
+    collectives of the forward and forward+backward programs (heads split, no all-gather)."""
     module = jattn.linen.MultiHeadAttention(**SIZES)
     params = module.init(jax.random.key(1), x)["params"]
     specs = {name: {"kernel": QKV_KERNEL, "bias": QKV_BIAS} for name in ("query", "key", "value")}
@@ -81,13 +85,21 @@ def linen_checks(mesh, x):
         sharded = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, P(*s))), params, specs,
                                is_leaf=lambda s: isinstance(s, tuple))
         xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-        y = jax.jit(lambda p, x: module.apply({"params": p}, x, is_causal=True))(sharded, xs)
+        forward = jax.jit(lambda p, x: module.apply({"params": p}, x, is_causal=True))
+        y = forward(sharded, xs)
+        grad = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply({"params": p}, x, is_causal=True) ** 2)))
+        g = grad(sharded, xs)
+        forward_hlo = forward.lower(sharded, xs).compile().as_text()
+        grad_hlo = grad.lower(sharded, xs).compile().as_text()
+    g_plain = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, x, is_causal=True) ** 2))(params)
     return {
         "max_err": float(jnp.max(jnp.abs(y - module.apply({"params": params}, x, is_causal=True)))),
+        "grad_max_err": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_plain))),
         "out_spec": _spec(y),
-        "query_kernel_spec": _spec(sharded["query"]["kernel"]),
-        "key_bias_spec": _spec(sharded["key"]["bias"]),
-        "out_kernel_spec": _spec(sharded["out"]["kernel"]),
+        "grad_query_kernel_spec": _spec(g["query"]["kernel"]),
+        "grad_out_kernel_spec": _spec(g["out"]["kernel"]),
+        "collectives": _hlo_collectives(forward_hlo),
+        "grad_collectives": _hlo_collectives(grad_hlo),
     }
 
 
