@@ -33,9 +33,15 @@ print(json.dumps(top))
 
 
 def _library_modules() -> list[str]:
+    """Every module and subpackage under jattn/, except the toy trainer (``jattn.toy``)."""
     names = []
-    for path in sorted((ROOT / "jattn").glob("*.py")):
-        names.append("jattn" if path.stem == "__init__" else f"jattn.{path.stem}")
+    for path in sorted((ROOT / "jattn").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if len(parts) > 1 and parts[1] == "toy":
+            continue
+        names.append(".".join(parts))
     return names
 
 
