@@ -114,6 +114,11 @@ def test_partially_neg_inf_bias_is_exact_and_finite():
     np.testing.assert_allclose(out, ref_out, atol=2e-6)
     g = jax.grad(lambda b: jnp.sum(jattn.dot_product_attention(q, k, v, b) ** 2))(jnp.asarray(bias))
     assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(g[:, :, 0], 0)  # the row that sees nothing has zero gradient
+    # every other row against jax.nn (which is NaN on the empty row, so that row is left out of its loss)
+    g_ref = jax.grad(lambda b: jnp.sum(jax.nn.dot_product_attention(q, k, v, b, implementation="xla")[:, 1:] ** 2))(
+        jnp.asarray(bias))
+    np.testing.assert_allclose(g[:, :, 1:], g_ref[:, :, 1:], atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.bfloat16, 3e-2), (jnp.float16, 4e-3)])
@@ -126,6 +131,10 @@ def test_low_precision_runs_fp32_inside(dtype, atol):
     np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, atol=atol)
     grads = jax.grad(lambda *a: jnp.sum(jattn.dot_product_attention(*a).astype(jnp.float32)), argnums=(0, 1, 2))(q16, k16, v16)
     assert all(g.dtype == dtype and np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+    f32 = [jnp.asarray(x, jnp.float32) for x in (q16, k16, v16)]  # the same (rounded) inputs in fp32
+    ref = jax.grad(lambda *a: jnp.sum(jattn.dot_product_attention(*a)), argnums=(0, 1, 2))(*f32)
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=4 * atol, rtol=4 * atol)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -141,6 +150,9 @@ def test_huge_logits_stay_finite(dtype):
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g, np.float32)))
+    # the outputs in full, against float64 NumPy on the same (rounded) inputs
+    ref_out, _, _ = naive_attention(*(np.asarray(x, np.float64) for x in (q, k, v)), bias=bias, is_causal=True)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, atol=2e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
 def test_dropout_keeps_or_drops_each_weight_with_the_right_scale():
