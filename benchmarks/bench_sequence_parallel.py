@@ -146,9 +146,13 @@ def main():
                         times[s].append(time.perf_counter() - t)
             for s, c in compiled.items():
                 sent = hlo_bytes_sent(c.as_text(), 8)
+                plan = jattn.explain_sequence_parallel(q, kv, kv, mesh=mesh, axis_name="s", layout="zigzag",
+                                                       is_causal=True, strategy=s)
+                estimate = plan.ring_bytes if s == "ring" else plan.ulysses_bytes
                 row = {"strategy": s, "T": T, "N": N, "K": K, "H": H, "P": 8, "seconds": min(times[s], default=None),
                        "all_seconds": times[s], "temp_bytes_per_device": int(c.memory_analysis().temp_size_in_bytes),
-                       "bytes_sent_per_device": sum(sent.values()), "bytes_sent_by_op": sent}
+                       "bytes_sent_per_device": sum(sent.values()), "bytes_sent_by_op": sent,
+                       "bytes_estimated_by_explain_sequence_parallel": estimate}
                 report["rows"].append(row)
                 secs = "-" if row["seconds"] is None else f"{row['seconds']:.2f}"
                 print(f"T={T:6d} {s:8s} {secs:>8s} s  temp {mib(row['temp_bytes_per_device']):8.1f} MiB  "

@@ -2,6 +2,7 @@
 
 from jattn import flex, masks
 from jattn.attention import attention
+from jattn.context_parallel import context_parallel_decode
 from jattn.decode import decode_attention
 from jattn.dispatch import explain_implementation
 from jattn.flax_attention_fn import flax_attention_fn
@@ -18,6 +19,7 @@ __all__ = [
     "BlockMask",
     "apply_rope",
     "attention",
+    "context_parallel_decode",
     "create_block_mask",
     "decode_attention",
     "dot_product_attention",

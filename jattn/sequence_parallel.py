@@ -10,10 +10,13 @@ over P). ``'auto'`` picks per call; ``explain_sequence_parallel`` says which and
 
 1. P = 1 -> ``'ring'`` (one local ``'chunked'`` pass, nothing is sent).
 2. The (per ``head_axis`` shard) query heads are not divisible by P -> ``'ring'``.
-3. Otherwise the strategy that sends fewer bytes per device in the forward pass, estimated
-   from the shapes: the ring sends its K/V block once per hop (P - 1 hops, fewer with a
-   window), Ulysses sends (P-1)/P of q, k, v (kv heads replicated up to a multiple of P) and
-   of the output. Ties go to the ring, whose transfers overlap its compute.
+3. Otherwise the strategy that sends fewer bytes per device for a forward+backward pass,
+   estimated from the shapes: the ring sends its K/V block once per hop forward and again
+   backward, plus the dK/dV block (3 blocks per hop; P - 1 hops, fewer with a window), Ulysses
+   sends (P-1)/P of q, k, v (kv heads replicated up to a multiple of P) and of the output, and
+   as much again backward. These match the bytes read from the compiled HLO
+   (``benchmarks/bench_sequence_parallel.py``). Ties go to the ring, whose transfers overlap
+   its compute.
 
 The inputs may be unsharded or sharded in any way; they are resharded to the layout the ring
 needs (sequence over ``axis_name``; batch over ``batch_axis`` and heads over ``head_axis``
@@ -70,7 +73,7 @@ class Strategy(NamedTuple):
 
     strategy: str
     reason: str
-    ring_bytes: int  # forward bytes one device sends with the ring (estimate from shapes)
+    ring_bytes: int  # forward+backward bytes one device sends with the ring (estimate from shapes)
     ulysses_bytes: int | None  # same for Ulysses; None where the heads do not split over P
 
 
@@ -101,17 +104,17 @@ def _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis,
     window = kwargs.get("local_window_size")
     window = None if window is None else _checks.window("local_window_size", window)
 
-    # Per-device forward bytes: local batch, heads and lengths.
+    # Per-device forward+backward bytes: local batch, heads and lengths.
     Bl, Nl, Kl, Tl, Sl = B // n_batch, N // n_head, K // n_head, T // P_seq, S // P_seq
     H, Hv = query.shape[-1], value.shape[-1]
     item = jnp.dtype(_checks.dtype_of("query", query)).itemsize
     hops = sum(_hops(bool(kwargs.get("is_causal", False)), window, layout, P_seq, Tl, Sl))
-    ring_bytes = hops * Bl * Sl * Kl * (H + Hv) * item
+    ring_bytes = 3 * hops * Bl * Sl * Kl * (H + Hv) * item  # K/V forward, K/V and dK/dV backward
     splits = Nl % P_seq == 0
     ulysses_bytes = None
     if splits:
         Kr = Kl * kv_replication(Kl, P_seq)
-        ulysses_bytes = (P_seq - 1) * Bl * (Tl * Nl * (H + Hv) + Sl * Kr * (H + Hv)) * item // P_seq
+        ulysses_bytes = 2 * (P_seq - 1) * Bl * (Tl * Nl * (H + Hv) + Sl * Kr * (H + Hv)) * item // P_seq
     if strategy == "ulysses" and not splits:
         raise ValueError(
             f"strategy: 'ulysses' splits the {Nl} query heads of each device over the {P_seq} devices of "

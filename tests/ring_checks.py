@@ -1,6 +1,6 @@
 """Multi-device checks of ring attention, run by tests/test_ring.py in a subprocess.
 
-Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors, ulysses}; prints one
+Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors, ulysses, decode}; prints one
 JSON object (check name -> measured values). XLA_FLAGS must give 8 host devices before jax
 is imported, which is why this is a separate process.
 """
@@ -197,6 +197,35 @@ def ulysses():
     return r
 
 
+def decode():
+    """Context-parallel decoding over a cache sharded on 8 devices vs one device."""
+    from jattn.context_parallel import context_parallel_decode
+
+    r = {}
+    rng = np.random.default_rng(30)
+    for name, mesh, Tq, lengths in (
+        ("one_token_explicit", jax.make_mesh((8,), ("s",)), 1, [37, 5]),  # devices with no valid row
+        ("three_tokens_auto_softcap", jax.make_mesh((8,), ("s",), axis_types=(AxisType.Auto,)), 3, [64, 1]),
+        ("grid_two_by_four", jax.make_mesh((2, 4), ("d", "s")), 2, [0, 30]),  # a row with no key: 0
+    ):
+        q = rng.standard_normal((2, Tq, 6, 8), np.float32)
+        k = rng.standard_normal((2, 64, 2, 8), np.float32)
+        v = rng.standard_normal((2, 64, 2, 5), np.float32)
+        kw = dict(logits_soft_cap=3.0, scale=0.4) if "softcap" in name else {}
+        lengths = np.asarray(lengths, np.int32)
+        with jax.set_mesh(mesh):
+            out = context_parallel_decode(q, k, v, mesh=mesh, axis_name="s", key_value_seq_lengths=lengths, **kw)
+        ref = jattn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, **kw)
+        r[name] = [_max_err(out, ref), list(out.shape)]
+    # What travels: [B, Tq, N(, Hv)] partials only, never the cache.
+    mesh = jax.make_mesh((8,), ("s",))
+    q, k = jax.ShapeDtypeStruct((2, 1, 6, 8), jnp.float32), jax.ShapeDtypeStruct((2, 4096, 2, 8), jnp.float32)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(lambda q, k: context_parallel_decode(q, k, k, mesh=mesh, axis_name="s")).lower(q, k).compile().as_text()
+    r["hlo"] = {op: hlo.count(f" {op}(") for op in ("all-reduce", "all-gather", "collective-permute", "all-to-all")}
+    return r
+
+
 def windows():
     """Local windows (shortened schedules) and steps cut into several tiles, forward and grads."""
     seq8 = jax.make_mesh((8,), ("s",))
@@ -273,6 +302,6 @@ if __name__ == "__main__":
     group = sys.argv[1]
     groups = {
         "gradients": gradients, "forward": forward, "windows": windows, "memory": memory, "errors": errors,
-        "ulysses": ulysses,
+        "ulysses": ulysses, "decode": decode,
     }
     print(json.dumps(groups[group]()))

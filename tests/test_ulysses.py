@@ -27,13 +27,14 @@ def test_ulysses_matches_single_device_and_auto_explains():
     assert r["hlo_ulysses"][0] >= 2 and r["hlo_ulysses"][1] == 0, r["hlo_ulysses"]
     assert r["hlo_ring"][0] == 0 and r["hlo_ring"][1] >= 1, r["hlo_ring"]
     strategy, reason, ring_bytes, ulysses_bytes = r["explain_mha"]
-    # 8 heads of 8 + 8 dims, 8 rows per device: the ring sends 7 blocks, Ulysses 7/8 of 4 arrays.
-    assert ring_bytes == 7 * 8 * 8 * 16 * 4 and ulysses_bytes == 7 * (8 * 8 * 16 + 8 * 8 * 16) * 4 // 8
+    # 8 heads of 8 + 8 dims, 8 rows per device: the ring sends 3 blocks per hop (K/V forward,
+    # K/V and dK/dV backward) over 7 hops; Ulysses 7/8 of q, k, v, out and as much backward.
+    assert ring_bytes == 3 * 7 * 8 * 8 * 16 * 4 and ulysses_bytes == 2 * 7 * (8 * 8 * 16 + 8 * 8 * 16) * 4 // 8
     assert strategy == "ulysses" and "fewer bytes" in reason, r["explain_mha"]
     assert r["explain_heads_do_not_split"][0] == "ring" and "do not split" in r["explain_heads_do_not_split"][1]
     assert r["explain_heads_do_not_split"][3] is None
     # A causal window of 4 inside 8-row blocks: one hop; cheaper than the all-to-alls.
-    assert r["explain_small_window"][0] == "ring" and r["explain_small_window"][2] == 8 * 8 * 16 * 4
+    assert r["explain_small_window"][0] == "ring" and r["explain_small_window"][2] == 3 * 8 * 8 * 16 * 4
 
 
 @pytest.mark.parametrize("K, P", [(8, 8), (2, 8), (3, 4), (6, 4), (1, 8), (5, 5)])
