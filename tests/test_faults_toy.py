@@ -405,3 +405,19 @@ def test_unverified_checkpoint_never_rotates_out_the_last_good_one(tmp_path, mon
         assert ckpt.complete_steps() == [2, 3]
     finally:
         ckpt.close()
+
+
+def test_full_disk_while_logging_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from jattn.toy import metrics
+
+    log = metrics.MetricsLog(str(tmp_path / "metrics.jsonl"), resume_step=0)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(TrainerError, match=r"cannot append to .*metrics.jsonl \(No space left on device\); "
+                                           "the newest checkpoint is intact"):
+        log.append({"step": 1, "loss": 1.0})
