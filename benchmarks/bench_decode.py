@@ -1,0 +1,200 @@
+"""Decode-step benchmark: jattn.decode_attention (contiguous and paged) against the machine's
+read bandwidth, jax.nn.dot_product_attention and jattn.dot_product_attention.
+
+Shape glossary: B batch, N query heads, K kv heads, H head dim, S cache length, one new token.
+
+For each dtype and S: the read bandwidth of the same run (a jitted fp32 sum over K and V, the
+cache's size), then the step time of every path over the same cache, timed in interleaved
+rounds (min of the rounds; the machine is shared, so minima are the least noisy):
+
+- ``decode``: ``jattn.decode_attention`` with every row at length S.
+- ``ragged``: the same with lengths uniform in [S/8, S] (seeded).
+- ``paged``: ``jattn.paged.paged_decode_attention`` over a pool with shuffled pages, lengths S.
+- ``jax.nn`` / ``jattn.dpa``: the general paths, which read the whole cache.
+
+Achieved bandwidth = K+V bytes the step needs / step time; ``fraction`` divides it by the
+sum's bandwidth. S values whose arrays would not fit in the free memory (3.5x the cache) are
+skipped and listed. Prints a table, writes ``benchmarks/results/decode_cpu.json`` and a plot
+of GB/s vs S with the bandwidth line.
+
+    python benchmarks/bench_decode.py            # fp32 and bf16, S = 1k, 4k, 16k, 64k
+    python benchmarks/bench_decode.py --quick    # S = 1k, 4k, two rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jattn
+from jattn import paged
+
+B, N, K, H = 8, 32, 8, 128
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _paged_pool(k, v, page_size: int, seed: int):
+    """A paged cache holding the whole dense cache, its pages shuffled through the pool."""
+    S = k.shape[1]
+    M = S // page_size
+    P = B * M
+    perm = np.random.default_rng(seed).permutation(P)  # logical page i lives at pool slot perm[i]
+    inverse = np.argsort(perm)
+    key_pages = jnp.reshape(k, (P, page_size, K, H))[inverse]  # [P, Ps, K, H]
+    value_pages = jnp.reshape(v, (P, page_size, K, H))[inverse]
+    return paged.PagedKVCache(
+        key_pages=key_pages, value_pages=value_pages,
+        page_table=jnp.asarray(perm.reshape(B, M), jnp.int32),
+        lengths=jnp.full((B,), S, jnp.int32), page_free=jnp.zeros((P,), bool),
+        errors=jnp.zeros((B,), jnp.int32),
+    )
+
+
+def _time_rounds(fns: dict, rounds: int) -> dict:
+    """Compile and warm every fn, then time them in interleaved rounds; min seconds each."""
+    for f in fns.values():
+        jax.block_until_ready(f())
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f())
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def run(dtype, S: int, rounds: int, seed: int = 0) -> dict:
+    itemsize = jnp.dtype(dtype).itemsize
+    key = jax.random.key(seed)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (B, 1, N, H), dtype)
+    k = jax.random.normal(kk, (B, S, K, H), dtype)
+    v = jax.random.normal(kv, (B, S, K, H), dtype)
+    full = jnp.full((B,), S, jnp.int32)
+    ragged = jnp.asarray(np.random.default_rng(seed).integers(S // 8, S + 1, size=B), jnp.int32)
+    split = jattn.decode.default_split_size(S, K, H, H, itemsize)
+    cache = _paged_pool(k, v, split, seed)
+
+    reduce = jax.jit(lambda k, v: jnp.sum(k, dtype=jnp.float32) + jnp.sum(v, dtype=jnp.float32))
+    decode = jax.jit(lambda q, k, v, l: jattn.decode_attention(q, k, v, lengths=l))
+    over_pages = jax.jit(paged.paged_decode_attention)
+    jax_nn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
+    jattn_dpa = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v))
+    fns = {
+        "sum": lambda: reduce(k, v),
+        "decode": lambda: decode(q, k, v, full),
+        "ragged": lambda: decode(q, k, v, ragged),
+        "paged": lambda: over_pages(q, cache),
+        "jax.nn": lambda: jax_nn(q, k, v),
+        "jattn.dpa": lambda: jattn_dpa(q, k, v),
+    }
+    # The same answers first: the timing is of correct code.
+    ref = np.asarray(jax_nn(q, k, v), np.float32)
+    tol = 2e-2 if itemsize == 2 else 1e-4
+    for name in ("decode", "paged"):
+        np.testing.assert_allclose(np.asarray(fns[name](), np.float32), ref, atol=tol, rtol=tol)
+    t = _time_rounds(fns, rounds)
+    per_position = K * 2 * H * itemsize
+    cache_bytes = B * S * per_position
+    bw = cache_bytes / t["sum"] / 1e9
+    row = {
+        "dtype": jnp.dtype(dtype).name, "S": S, "split_size": split,
+        "cache_MiB": cache_bytes / 2**20, "read_bw_GBps": bw,
+        "ms": {name: 1e3 * sec for name, sec in t.items()},
+        "decode_GBps": cache_bytes / t["decode"] / 1e9,
+        "ragged_GBps": int(ragged.sum()) * per_position / t["ragged"] / 1e9,
+        "paged_GBps": cache_bytes / t["paged"] / 1e9,
+        "ragged_token_fraction": float(ragged.sum()) / (B * S),
+    }
+    row["fraction_of_bw"] = row["decode_GBps"] / bw
+    row["ragged_over_full"] = t["ragged"] / t["decode"]
+    row["paged_over_contiguous"] = t["paged"] / t["decode"]
+    row["speedup_vs_jax_nn"] = t["jax.nn"] / t["decode"]
+    row["speedup_vs_jattn_dpa"] = t["jattn.dpa"] / t["decode"]
+    return row
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dt in zip(axes[0], dtypes):
+        rs = [r for r in rows if r["dtype"] == dt]
+        S = [r["S"] for r in rs]
+        ax.plot(S, [r["read_bw_GBps"] for r in rs], "k--", label="read bandwidth (jitted sum, same run)")
+        ax.plot(S, [r["decode_GBps"] for r in rs], "o-", label="decode_attention")
+        ax.plot(S, [r["ragged_GBps"] for r in rs], "s-", label="decode_attention, ragged")
+        ax.plot(S, [r["paged_GBps"] for r in rs], "^-", label="paged_decode_attention")
+        for name in ("jax.nn", "jattn.dpa"):
+            ax.plot(S, [r["cache_MiB"] * 2**20 / (r["ms"][name] / 1e3) / 1e9 for r in rs], ":", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("S (cache length)")
+        ax.set_ylabel("GB/s of K+V read")
+        ax.set_title(f"decode step, {dt}, B={B} N={N} K={K} H={H}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="S = 1k, 4k and two rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--out", default="benchmarks/results/decode_cpu.json")
+    args = parser.parse_args()
+    seqs = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
+    rounds = 2 if args.quick else args.rounds
+    rows, skipped = [], []
+    header = (f"{'dtype':>8} {'S':>6} {'bw GB/s':>8} {'decode ms':>9} {'GB/s':>6} {'frac':>5} "
+              f"{'ragged/full':>11} {'paged/contig':>12} {'vs jax.nn':>9} {'vs jattn.dpa':>12}")
+    print(f"B={B} N={N} K={K} H={H}, one new token; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs (shared with other jobs: timings are noisy)")
+    print(header)
+    for name in args.dtypes.split(","):
+        dtype = jnp.dtype(name)
+        for S in seqs:
+            need = 3.5 * B * S * K * 2 * H * dtype.itemsize
+            if need > _available_bytes():
+                skipped.append({"dtype": name, "S": S, "needs_GiB": need / 2**30,
+                                "available_GiB": _available_bytes() / 2**30})
+                print(f"{name:>8} {S:>6} skipped: needs {need / 2**30:.1f} GiB, "
+                      f"{_available_bytes() / 2**30:.1f} GiB available")
+                continue
+            r = run(dtype, S, rounds)
+            rows.append(r)
+            print(f"{name:>8} {S:>6} {r['read_bw_GBps']:>8.2f} {r['ms']['decode']:>9.1f} "
+                  f"{r['decode_GBps']:>6.2f} {r['fraction_of_bw']:>5.2f} {r['ragged_over_full']:>11.2f} "
+                  f"{r['paged_over_contiguous']:>12.2f} {r['speedup_vs_jax_nn']:>8.2f}x "
+                  f"{r['speedup_vs_jattn_dpa']:>11.2f}x", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"command": "python benchmarks/bench_decode.py" + (" --quick" if args.quick else ""),
+                   "shape": {"B": B, "N": N, "K": K, "H": H, "Tq": 1}, "rounds": rounds,
+                   "jax": jax.__version__, "cpus": os.cpu_count(),
+                   "note": "machine shared with other jobs; min over interleaved rounds",
+                   "rows": rows, "skipped": skipped}, f, indent=1)
+    _plot(rows, args.out.replace(".json", ".png"))
+    print(f"wrote {args.out} and {args.out.replace('.json', '.png')}")
+
+
+if __name__ == "__main__":
+    main()
