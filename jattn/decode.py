@@ -225,7 +225,12 @@ def _decode(q, key_cache, value_cache, lengths, *, static: Static, num_splits: i
         v = jax.lax.dynamic_slice(value_cache, (b, start, zero, zero), (1, c, K, Hv))[0]  # [c, K, Hv]
         return k, v, start + jnp.arange(c), j * c
 
-    out = run_splits(q, lengths, (key_cache, value_cache), fetch, Tq, Hv, static, num_splits, q.dtype)
+    if num_splits == 1:
+        # One split holds the whole cache: nothing to skip, so no loop; all rows at once.
+        one = jax.vmap(lambda q, k, v, n: split_partial(q, k, v, jnp.arange(S), 0, n, Tq, static))
+        out = finish(one(q, key_cache, value_cache, lengths), q.dtype)  # [B, K, R, Hv]
+    else:
+        out = run_splits(q, lengths, (key_cache, value_cache), fetch, Tq, Hv, static, num_splits, q.dtype)
     # Under jit the lengths are not checked eagerly: a row outside [0, S] returns NaN.
     return poison_rows(out, (lengths < 0) | (lengths > S))
 
@@ -260,7 +265,8 @@ def decode_attention(query, key_cache, value_cache, *, lengths, scale=None, logi
         ``>= p - left`` (right is implied by causality). Splits wholly before the window are
         skipped.
       num_splits: splits per row ``J`` (the split size is ``ceil(S / J)``); None picks about
-        4 MiB of K+V per split.
+        4 MiB of K+V per split. With one split (a small cache) every row runs at once without
+        the loop.
 
     Returns:
       ``[*B, Tq, N, Hv]`` in the dtype of ``query``.
