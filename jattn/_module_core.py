@@ -9,6 +9,9 @@ its checks (``head_dims``), the input defaults and checks (``module_inputs``), t
 decision (``dropout_active``), and ``attend``: RoPE, the KV-cache decode step, the call of
 ``attention_fn`` (one keyword list, ``precision=`` and the sow target included) and the
 poisoning of cache rows that a decode under ``jit`` could not write (see ``jattn._kv_cache``).
+A plain causal decode step (default ``attention_fn``, no mask, lengths, dropout, sow,
+implementation or precision) goes through ``jattn.decode_attention`` instead, which reads
+only the written part of each row's cache.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 from jattn import _checks, _kv_cache
+from jattn.decode import decode_attention
+from jattn.flax_attention_fn import flax_attention_fn
 from jattn.rope import apply_rope
 
 
@@ -153,8 +158,18 @@ def attend(
         step = _kv_cache.step(cache, key, value, lengths, is_causal=is_causal)
         mask = step.mask if mask is None else jnp.logical_and(step.mask, jnp.asarray(mask) != 0)
         key, value = step.cache.key, step.cache.value  # [*B, L, K, H]
-        is_causal = False  # the step mask holds the cache-aligned causal structure
         ok = step.ok
+        if (attention_fn is flax_attention_fn and is_causal and mask is None and lengths is None
+                and dropout_rng is None and sow_into is None and implementation is None
+                and precision is None):
+            # A plain causal decode step: the split-K path reads only each row's written slots
+            # (``jattn.decode_attention``), not the whole cache through a [T, L] mask.
+            dt = dtype or jnp.result_type(query, key, value)
+            lengths_now = jnp.clip(step.cache.index, 0, key.shape[-3])  # poisoned rows: NaN below
+            x = decode_attention(*(jnp.asarray(a, dt) for a in (query, key, value)), lengths=lengths_now,
+                                 logits_soft_cap=logits_soft_cap)  # [*B, T, N, Hv]
+            return jnp.where(jnp.reshape(ok, ok.shape + (1, 1, 1)), x, jnp.nan), step.cache
+        is_causal = False  # the step mask holds the cache-aligned causal structure
     elif rope_base is not None:
         T, S = query.shape[-3], key.shape[-3]
         query = apply_rope(query, jnp.arange(T) if positions is None else positions, rope_base)

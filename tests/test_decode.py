@@ -184,3 +184,28 @@ def test_bad_input():
         args = dict(query=q, key_cache=k, value_cache=v, lengths=lengths) | change
         with pytest.raises(err, match=msg):
             jattn.decode_attention(args.pop("query"), args.pop("key_cache"), args.pop("value_cache"), **args)
+
+
+def test_module_decode_fast_path_equals_general_path():
+    """nnx.MultiHeadAttention's plain causal decode steps go through decode_attention; a copy of
+    the default attention_fn forces the general masked path. Same outputs, prefill and steps."""
+    import functools
+
+    from flax import nnx
+
+    from jattn.flax_attention_fn import flax_attention_fn
+    from jattn.nnx import MultiHeadAttention
+
+    def make(attention_fn):
+        m = MultiHeadAttention(4, 8, num_kv_heads=2, rope_base=100.0, logits_soft_cap=5.0, decode=True,
+                               attention_fn=attention_fn, rngs=nnx.Rngs(0))
+        m.init_cache((2, 9, 8))
+        return m
+
+    fast, general = make(flax_attention_fn), make(functools.partial(flax_attention_fn))
+    x = np.random.default_rng(9).standard_normal((2, 9, 8)).astype(np.float32)
+    for chunk in (slice(0, 5), slice(5, 6), slice(6, 9)):  # prefill, one token, three tokens
+        a = fast(x[:, chunk], is_causal=True)
+        b = general(x[:, chunk], is_causal=True)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(fast.cache_index[...]), [9, 9])
