@@ -19,6 +19,8 @@ API (stable):
 - ``init_carry(tq, d_v, dtype=float32) -> (m [tq], l [tq], acc [tq, d_v])``: the empty
   online-softmax state (running max ``-inf``, running sum 0, unnormalised output 0) in the
   accumulation dtype (float64 for float64 inputs).
+- ``init_carry_like(q_blk, d_v)``: the same state built from the query tile, so that inside
+  ``jax.shard_map`` it carries the queries' varying mesh axes.
 - ``forward_block(carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, structure_tile, scale, cap)
   -> carry``: folds one key block into the state. Visiting the key blocks of a row in any
   order gives the same result up to rounding; blocks that a row cannot see may be skipped.
@@ -73,6 +75,13 @@ def init_carry(tq: int, d_v: int, dtype=jnp.float32) -> Carry:
         jnp.zeros((tq,), dtype),
         jnp.zeros((tq, d_v), dtype),
     )
+
+
+def init_carry_like(q_blk, d_v: int) -> Carry:
+    """``init_carry`` in ``q_blk``'s dtype, built from ``q_blk`` (``*_like``) so that inside
+    ``jax.shard_map`` it varies over the same mesh axes as the queries (loop carries must)."""
+    m = jnp.full_like(q_blk[:, 0], -jnp.inf)  # [tq]
+    return m, jnp.zeros_like(m), jnp.zeros_like(m, shape=(q_blk.shape[0], d_v))
 
 
 def forward_block(carry: Carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, structure_tile,

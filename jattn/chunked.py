@@ -185,7 +185,7 @@ def _forward(st: _Static, a: _Inputs):
             tiles = _tile_masks(st, a, i, j, masked)
             return blockwise.forward_block(carry, q_blk, k_blk, v_blk, *tiles, st.scale, st.cap)
 
-        carry = _three_loops(_kv_blocks_of(st, i), step, blockwise.init_carry(st.bq, d_v, a.q.dtype))
+        carry = _three_loops(_kv_blocks_of(st, i), step, blockwise.init_carry_like(q_blk, d_v))
         return blockwise.finalize(carry)
 
     out, lse = jax.lax.map(q_block, jnp.arange(nq))  # [nq, bq, d_v], [nq, bq]

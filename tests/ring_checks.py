@@ -175,6 +175,8 @@ def ulysses():
     )
     r["head_axis_gqa_forward"] = _compare(heads, 24, is_causal=True, N=8, K=2, wrap=(None, "h"), grads=False, **u)
     r["auto_picks_ulysses"] = _compare(seq8, 25, is_causal=True, N=8, K=8, strategy="auto")
+    # Long enough (T*S >= 512*1024) that the single-device kernel is 'chunked', inside shard_map.
+    r["long_chunked_kernel"] = _compare(seq8, 26, is_causal=True, T=1024, N=8, K=2, H=8, Hv=8, **u)
 
     def collectives(strategy, N):
         q = jax.ShapeDtypeStruct((1, 64, N, 8), jnp.float32)

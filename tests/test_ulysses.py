@@ -17,7 +17,7 @@ def test_ulysses_matches_single_device_and_auto_explains():
     r = _run_group("ulysses")
     parity = [
         "causal_contiguous_mha", "causal_zigzag_gqa_replicated_seg_lengths", "grid_batch_axis_mqa_window_softcap",
-        "head_axis_gqa_forward", "auto_picks_ulysses",
+        "head_axis_gqa_forward", "auto_picks_ulysses", "long_chunked_kernel",
     ]
     for case in parity:
         fwd, grads = r[case]
