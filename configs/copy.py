@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 50  # greedy-decode the held-out set and print samples
     c.num_samples_to_print = 3  # decoded samples shown (CORRECT/INCORRECT) per eval
     c.checkpoint_every_steps = 100  # orbax checkpoint interval (and one at the end)
-    c.max_checkpoints_to_keep = 2  # older checkpoints are deleted
+    c.max_checkpoints_to_keep = 2  # older ones are deleted, only once the newest is read back and verified
     c.check_grads = True  # at start-up, compare jattn's gradients with finite differences
     # --- device mesh: data x sequence devices (e.g. --config.mesh.data=2 --config.mesh.sequence=4) ---
     # With sequence P > 1 the training batch is padded to a multiple of 2P positions (zero loss weight)
