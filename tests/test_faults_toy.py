@@ -230,11 +230,11 @@ def test_every_checkpoint_damaged_is_a_clear_error(copy_of_killed, env):
 
 def test_garbage_metrics_line_is_dropped_with_a_warning(copy_of_killed, killed_run, env):
     path = copy_of_killed / "metrics.jsonl"
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(lines[:3] + ["{garbage\n", '{"no_step": 1}\n'] + lines[3:]))
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3] + [b"{garbage\n", b'{"no_step": 1}\n', b"\xff\xfe\x00\n"] + lines[3:]))
     proc = _train(copy_of_killed, env=env)
-    assert f"{path}: dropped 2 line(s) that are not metrics rows (line 4 '{{garbage\\n'" in proc.stderr, proc.stderr
-    assert "{garbage" in (copy_of_killed / "metrics.jsonl.damaged").read_text()
+    assert f"{path}: dropped 3 line(s) that are not metrics rows (line 4 '{{garbage\\n'" in proc.stderr, proc.stderr
+    assert b"{garbage" in (copy_of_killed / "metrics.jsonl.damaged").read_bytes()
     _assert_finished_from(proc, copy_of_killed, 8, killed_run)
 
 

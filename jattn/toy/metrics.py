@@ -23,7 +23,7 @@ def _parse_row(line: str) -> dict | None:
 def read_jsonl(path: str) -> list[dict]:
     """Every row of a metrics file; raises ``TrainerError`` naming the first bad line."""
     rows = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -48,7 +48,7 @@ class MetricsLog:
         self.path = path
         kept, bad = [], []
         if os.path.exists(path):
-            with open(path) as f:
+            with open(path, errors="replace") as f:  # undecodable bytes make a bad line, not a crash
                 lines = [line for line in f if line.endswith("\n")]
             for number, line in enumerate(lines, 1):
                 if not line.strip():
