@@ -1,6 +1,7 @@
 """Wall time and accuracy of ``train_toy.py`` runs, as the README reports them.
 
-    python benchmarks/toy_timings.py                 # copy task, seeds 0-3, and configs/reverse.py
+    python benchmarks/toy_timings.py                 # copy task, seeds 0-3, configs/reverse.py,
+                                                     # configs/tiny.py on 8 simulated devices
 
 Each run is a fresh process (``python train_toy.py --workdir=<tmp> ...``): its wall time is
 measured around the whole process (imports, compilation, the start-up gradient check,
@@ -24,11 +25,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
-def run(name: str, flags: list[str], workdir: str) -> tuple[dict, str]:
+def run(name: str, flags: list[str], workdir: str, devices: int = 0) -> tuple[dict, str]:
+    env = dict(os.environ)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_toy.py"), f"--workdir={workdir}", *flags],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
+                          capture_output=True, text=True, cwd=ROOT, timeout=1800, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -37,7 +41,7 @@ def run(name: str, flags: list[str], workdir: str) -> tuple[dict, str]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         evals = [{k: v for k, v in row.items() if k == "step" or k.startswith("eval/")}
                  for row in map(json.loads, f) if "eval/seq_accuracy" in row]
-    record = {"name": name, "flags": flags, "process_wall_seconds": round(wall, 1),
+    record = {"name": name, "flags": flags, "simulated_devices": devices, "process_wall_seconds": round(wall, 1),
               "load_average_at_start": round(load, 2), "summary": summary, "evaluations": evals}
     print(f"{name:24s} process wall {wall:6.1f} s  run {summary['wall_seconds']:6.1f} s  "
           f"seq_accuracy {summary['seq_accuracy']:.4f}  (load {load:.1f})", flush=True)
@@ -48,14 +52,19 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--no-reverse", action="store_true")
+    p.add_argument("--no-mesh", action="store_true", help="skip configs/tiny.py on 8 simulated devices")
     args = p.parse_args()
-    jobs = [(f"copy seed {s}", [f"--config.seed={s}"] if s else []) for s in args.seeds]
+    jobs = [(f"copy seed {s}", [f"--config.seed={s}"] if s else [], 0) for s in args.seeds]
     if not args.no_reverse:
-        jobs.append(("reverse seed 0", [f"--config={os.path.join(ROOT, 'configs', 'reverse.py')}"]))
+        jobs.append(("reverse seed 0", [f"--config={os.path.join(ROOT, 'configs', 'reverse.py')}"], 0))
+    if not args.no_mesh:
+        tiny = f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"
+        jobs.append(("tiny 2x4 data x sequence", [tiny, "--config.mesh.data=2", "--config.mesh.sequence=4"], 8))
+        jobs.append(("tiny 8x1 data parallel", [tiny, "--config.mesh.data=8", "--config.mesh.sequence=1"], 8))
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, flags) in enumerate(jobs):
-            record, console = run(name, flags, os.path.join(tmp, f"run{i}"))
+        for i, (name, flags, devices) in enumerate(jobs):
+            record, console = run(name, flags, os.path.join(tmp, f"run{i}"), devices)
             records.append(record)
             if i == 0:
                 with open(os.path.join(RESULTS, "toy_copy.log"), "w") as f:
