@@ -2,7 +2,7 @@
 
 Shape glossary: B batch, T query length (= S key length), N heads, H head dim.
 
-For T in 128..2048, causal and not, three modes: the forward pass; forward+backward with the
+For T in 128..2048 (128, 256, 512, 768, 1024, 2048 by default), causal and not, three modes: the forward pass; forward+backward with the
 loss ``jnp.sum(out)`` (an all-ones cotangent, which XLA may simplify); forward+backward with a
 fixed random cotangent (``jnp.sum(out * ct)``). Gradients are taken for q, k and v.
 
@@ -85,9 +85,9 @@ def _point(T: int, causal: bool, mode: str, rounds: int, calls: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 384, 512, 768, 1024, 1536, 2048])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--calls", type=int, default=2)
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 768, 1024, 2048])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--calls", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "threshold_sweep.json"))
     args = p.parse_args()

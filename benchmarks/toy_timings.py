@@ -54,13 +54,15 @@ def main():
     p.add_argument("--no-reverse", action="store_true")
     p.add_argument("--no-mesh", action="store_true", help="skip configs/tiny.py on 8 simulated devices")
     args = p.parse_args()
-    jobs = [(f"copy seed {s}", [f"--config.seed={s}"] if s else [], 0) for s in args.seeds]
+    seeds = [(f"copy seed {s}", [f"--config.seed={s}"] if s else [], 0) for s in args.seeds]
+    jobs = seeds[:1]
     if not args.no_reverse:
         jobs.append(("reverse seed 0", [f"--config={os.path.join(ROOT, 'configs', 'reverse.py')}"], 0))
     if not args.no_mesh:
         tiny = f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"
         jobs.append(("tiny 2x4 data x sequence", [tiny, "--config.mesh.data=2", "--config.mesh.sequence=4"], 8))
         jobs.append(("tiny 8x1 data parallel", [tiny, "--config.mesh.data=8", "--config.mesh.sequence=1"], 8))
+    jobs += seeds[1:]
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, flags, devices) in enumerate(jobs):
@@ -69,8 +71,8 @@ def main():
             if i == 0:
                 with open(os.path.join(RESULTS, "toy_copy.log"), "w") as f:
                     f.write(console)
-    with open(os.path.join(RESULTS, "toy_timings.json"), "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "runs": records}, f, indent=1)
+            with open(os.path.join(RESULTS, "toy_timings.json"), "w") as f:  # after every run
+                json.dump({"cpu_count": os.cpu_count(), "complete": i == len(jobs) - 1, "runs": records}, f, indent=1)
     print(f"wrote {os.path.join(RESULTS, 'toy_timings.json')}")
 
 
