@@ -176,6 +176,7 @@ class _Static(NamedTuple):
     bq: int  # query rows of a tile
     bk: int  # key rows of a tile
     hops: tuple[int, int]  # blocks fetched from lower devices, from higher devices
+    mask_mod: object = None  # mask_mod(b, h, q_idx, kv_idx) -> bool on original positions, or None
 
 
 def _offset_bounds(is_causal: bool, window):
@@ -270,8 +271,29 @@ def _tile_kind(st: _Static, qs: _Queries, t: _Tile):
     return jnp.where(some, jnp.where(full, 2, 1), 0)
 
 
+def _mod_mask(mask_mod, B: int, K: int, G: int, q_pos, k_pos):
+    """[B, K, G, tq, tk]: ``mask_mod(b, h, q_idx, kv_idx)`` with h = k·G + g, on original positions."""
+    f = jax.vmap(mask_mod, in_axes=(None, None, None, 0))  # over keys
+    f = jax.vmap(f, in_axes=(None, None, 0, None))  # over queries
+    f = jax.vmap(f, in_axes=(None, 0, None, None))  # over heads
+    f = jax.vmap(f, in_axes=(0, None, None, None))  # over the batch
+    out = f(jnp.arange(B), jnp.arange(K * G), q_pos, k_pos)  # [B, N, tq, tk]
+    return jnp.reshape(out, (B, K, G) + out.shape[-2:]).astype(bool)
+
+
 def _tile_mask(st: _Static, qs: _Queries, t: _Tile, structural: bool):
-    """[B, tq, tk] bool visibility of a tile, or None when everything is visible."""
+    """[B, tq, tk] bool visibility of a tile ([B, K, G, tq, tk] with a mask_mod), or None when
+    everything is visible."""
+    B, _, K, G = qs.q.shape[:4]
+    mask = _shared_mask(st, qs, t, structural)
+    if st.mask_mod is None:
+        return mask
+    mod = _mod_mask(st.mask_mod, B, K, G, t.q_pos, t.k_pos)  # [B, K, G, tq, tk]
+    return mod if mask is None else mod & mask[:, None, None]
+
+
+def _shared_mask(st: _Static, qs: _Queries, t: _Tile, structural: bool):
+    """[B, tq, tk] bool visibility shared by all heads, or None when everything is visible."""
     B = qs.q.shape[0]
     q_pos, k_pos = t.q_pos[:, None], t.k_pos[None, :]  # [tq, 1], [1, tk]
     parts = []
@@ -300,22 +322,28 @@ def _switch(st: _Static, kind, compute, state):
 def _over_heads(fn, n_q_like: int, n_kv_like: int, sum_kv_outputs: bool):
     """vmap ``fn(*q_like, *kv_like, mask)`` over G, K and B like ``multihead._lift``.
 
-    q_like args are [B, tq, K, G, ...], kv_like args [B, tk, K, ...], mask [B, tq, tk] | None.
+    q_like args are [B, tq, K, G, ...], kv_like args [B, tk, K, ...], mask [B, tq, tk] |
+    [B, K, G, tq, tk] | None.
     Outputs are q_like ([B, tq, K, G, ...]); with ``sum_kv_outputs`` the last two outputs are
     kv_like gradients, summed over the G query heads that share a kv head.
     """
     q_axes, kv_axes = (1,) * n_q_like, (1,) * n_kv_like
-    over_g = jax.vmap(fn, in_axes=q_axes + (None,) * n_kv_like + (None,), out_axes=1)
 
-    def per_kv_head(*args):
-        outs = over_g(*args)
-        if not sum_kv_outputs:
-            return outs
-        dq, dk, dv = outs  # dk [tk, G, H], dv [tk, G, Hv]
-        return dq, jnp.sum(dk, axis=1), jnp.sum(dv, axis=1)
+    def lifted(*args):
+        m = 0 if args[-1] is not None and args[-1].ndim == 5 else None  # per-head mask [B, K, G, tq, tk]
+        over_g = jax.vmap(fn, in_axes=q_axes + (None,) * n_kv_like + (m,), out_axes=1)
 
-    over_k = jax.vmap(per_kv_head, in_axes=q_axes + kv_axes + (None,), out_axes=1)
-    return jax.vmap(over_k, in_axes=0, out_axes=0)
+        def per_kv_head(*args):
+            outs = over_g(*args)
+            if not sum_kv_outputs:
+                return outs
+            dq, dk, dv = outs  # dk [tk, G, H], dv [tk, G, Hv]
+            return dq, jnp.sum(dk, axis=1), jnp.sum(dv, axis=1)
+
+        over_k = jax.vmap(per_kv_head, in_axes=q_axes + kv_axes + (m,), out_axes=1)
+        return jax.vmap(over_k, in_axes=0, out_axes=0)(*args)
+
+    return lifted
 
 
 def _rows(x, i, size: int):
@@ -579,6 +607,7 @@ def ring_attention(
     local_window_size: int | tuple[int, int] | None = None,
     layout: str = "contiguous",
     block_sizes: tuple[int, int] | None = None,
+    mask_mod=None,
 ):
     """Exact multi-head attention over a sequence sharded along ``axis_name``; call inside
     ``jax.shard_map``.
@@ -597,7 +626,12 @@ def ring_attention(
     (``w`` or ``(left, right)`` around the diagonal) are top-left, as in
     ``dot_product_attention``. A window shortens the ring: blocks travel only as far as some
     query can see. ``block_sizes = (bq, bk)`` are the tile sizes of each step (dividing the
-    local lengths); by default the largest divisors up to ``'chunked'``'s (512, 256).
+    local lengths); by default the largest divisors up to (256, 256).
+
+    ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (``jattn.flex``'s convention, written for scalars)
+    adds any further mask, evaluated tile by tile on GLOBAL original positions (whatever the
+    layout), with ``b`` and ``h`` the batch row and query head of the local shard. It combines
+    with the other masks; tiles are skipped only by those (causal, window, lengths, segments).
     """
     B, Tl, Sl, N, K = check_arrays(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
@@ -629,7 +663,9 @@ def ring_attention(
     window = None if local_window_size is None else _checks.window("local_window_size", local_window_size)
     bq, bk = _tile_sizes(block_sizes, Tl, Sl)
     hops = _hops(bool(is_causal), window, layout, P, Tl, Sl)
-    st = _Static(axis_name, P, scale, logits_soft_cap, bool(is_causal), layout, window, bq, bk, hops)
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(f"mask_mod: expected a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
+    st = _Static(axis_name, P, scale, logits_soft_cap, bool(is_causal), layout, window, bq, bk, hops, mask_mod)
     q = jnp.reshape(query, (B, Tl, K, N // K, H))  # [B, Tl, K, G, H]
     out = _ring(st, q, key, value, query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids)
     return jnp.reshape(out, (B, Tl, N, value.shape[-1]))  # [B, Tl, N, Hv]

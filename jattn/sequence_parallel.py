@@ -115,6 +115,11 @@ def _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis,
     if splits:
         Kr = Kl * kv_replication(Kl, P_seq)
         ulysses_bytes = 2 * (P_seq - 1) * Bl * (Tl * Nl * (H + Hv) + Sl * Kr * (H + Hv)) * item // P_seq
+    if kwargs.get("mask_mod") is not None:
+        if strategy == "ulysses":
+            raise ValueError("strategy: mask_mod runs on the ring only; use strategy='ring' or 'auto'")
+        return Strategy("ring", "mask_mod runs on the ring only" if strategy == "auto" else "asked for",
+                        ring_bytes, ulysses_bytes)
     if strategy == "ulysses" and not splits:
         raise ValueError(
             f"strategy: 'ulysses' splits the {Nl} query heads of each device over the {P_seq} devices of "
@@ -187,7 +192,7 @@ def sequence_parallel_attention(
     over ``head_axis``. ``strategy`` is ``'ring'`` (default), ``'ulysses'`` (the heads per
     device must be divisible by P) or ``'auto'`` (see the module docstring and
     ``explain_sequence_parallel``). ``kwargs``: ``is_causal``, ``scale``, ``logits_soft_cap``,
-    ``local_window_size``, ``block_sizes``. Lengths ``[B]`` and segment ids ``[B, T]`` /
+    ``local_window_size``, ``block_sizes``, and (ring only) ``mask_mod`` (see ``ring_attention``). Lengths ``[B]`` and segment ids ``[B, T]`` /
     ``[B, S]`` are as in ``jattn.dot_product_attention`` (segment ids in the same layout as
     the rows).
 

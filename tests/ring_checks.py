@@ -1,6 +1,6 @@
 """Multi-device checks of ring attention, run by tests/test_ring.py in a subprocess.
 
-Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors, ulysses, decode}; prints one
+Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors, ulysses, decode, mask_mod}; prints one
 JSON object (check name -> measured values). XLA_FLAGS must give 8 host devices before jax
 is imported, which is why this is a separate process.
 """
@@ -49,7 +49,8 @@ def _segments(B, T):
 
 
 def _compare(mesh, seed=0, *, layout="contiguous", grads=True, dtype=jnp.float32, seg=False,
-             kv_lengths=None, q_lengths=None, wrap=(None, None), strategy="ring", **kwargs):
+             kv_lengths=None, q_lengths=None, wrap=(None, None), strategy="ring", ring_only=None, ref_only=None,
+             **kwargs):
     """(forward error, [dq, dk, dv errors]) of the ring against single-device attention.
 
     The ring sees the inputs permuted into ``layout`` and its output is permuted back;
@@ -74,12 +75,12 @@ def _compare(mesh, seed=0, *, layout="contiguous", grads=True, dtype=jnp.float32
         lengths = {n: x for n, x in extra.items() if n.endswith("lengths")}
         out = jattn.sequence_parallel_attention(
             to(q), to(k), to(v), mesh=mesh, axis_name="s", batch_axis=batch_axis,
-            head_axis=head_axis, layout=layout, strategy=strategy, **seg_ids, **lengths, **kwargs,
+            head_axis=head_axis, layout=layout, strategy=strategy, **seg_ids, **lengths, **kwargs, **(ring_only or {}),
         )
         return out
 
     def ref_fn(q, k, v):
-        return jattn.dot_product_attention(q, k, v, **extra, **kwargs)
+        return jattn.dot_product_attention(q, k, v, **extra, **kwargs, **(ref_only or {}))
 
     def both(q, k, v):
         q, k, v = (x.astype(dtype) for x in (q, k, v))
@@ -228,6 +229,27 @@ def decode():
     return r
 
 
+def _mod(b, h, q, kv):
+    """A head- and batch-dependent mask on global positions (jnp or NumPy scalars/arrays)."""
+    return ((q + 2 * kv + h) % 3 != 0) | (kv == q) | ((b == 1) & (kv < 4))
+
+
+def mask_mod():
+    """Ring attention with a mask_mod on global positions vs a dense [B, N, T, S] mask."""
+    seq8 = jax.make_mesh((8,), ("s",))
+    B, T, N = 2, 32, 4
+    b, h, q, kv = np.ogrid[:B, :N, :T, :T]
+    dense = _mod(b, h, q, kv)  # [B, N, T, S]
+    r = {}
+    r["causal_zigzag_gqa_tiles"] = _compare(
+        seq8, 41, layout="zigzag", is_causal=True, N=N, K=2, T=T, block_sizes=(2, 2), ring_only=dict(mask_mod=_mod),
+        ref_only=dict(mask=dense))
+    r["window_contiguous_seg"] = _compare(
+        seq8, 42, local_window_size=(6, 2), seg=True, N=N, K=4, T=T, ring_only=dict(mask_mod=_mod),
+        ref_only=dict(mask=dense), strategy="auto")  # 'auto' picks the ring for a mask_mod
+    return r
+
+
 def windows():
     """Local windows (shortened schedules) and steps cut into several tiles, forward and grads."""
     seq8 = jax.make_mesh((8,), ("s",))
@@ -304,6 +326,6 @@ if __name__ == "__main__":
     group = sys.argv[1]
     groups = {
         "gradients": gradients, "forward": forward, "windows": windows, "memory": memory, "errors": errors,
-        "ulysses": ulysses, "decode": decode,
+        "ulysses": ulysses, "decode": decode, "mask_mod": mask_mod,
     }
     print(json.dumps(groups[group]()))

@@ -65,6 +65,14 @@ def test_ring_windows_and_tiles_match_single_device():
         assert len(grads) == 3 and max(grads) < 1e-3, (case, grads)
 
 
+def test_ring_mask_mod_on_global_positions_matches_dense_mask():
+    r = _run_group("mask_mod")
+    assert sorted(r) == ["causal_zigzag_gqa_tiles", "window_contiguous_seg"]
+    for case, (fwd, grads) in r.items():
+        assert fwd < 1e-4, (case, fwd)
+        assert len(grads) == 3 and max(grads) < 1e-3, (case, grads)
+
+
 def test_memory_per_device_is_linear_in_the_local_length():
     m = _run_group("memory")
     print(json.dumps(m))
@@ -184,6 +192,7 @@ Q = np.ones((1, 4, 2, 3), np.float32)
         (dict(layout="striped"), ValueError, "layout: expected one of ('contiguous', 'zigzag')"),
         (dict(local_window_size=-1), ValueError, "local_window_size: expected non-negative window sizes"),
         (dict(local_window_size="big"), TypeError, "local_window_size: expected an int or a (left, right)"),
+        (dict(mask_mod="causal"), TypeError, "mask_mod: expected a function (b, h, q_idx, kv_idx) -> bool, got str"),
         (dict(block_sizes=(3, 2)), ValueError, "block_sizes: expected (block_q, block_kv) of positive ints dividing"),
         (dict(q_segment_ids=np.zeros((1, 4), np.int32)), ValueError, "q_segment_ids, kv_segment_ids: expected both"),
         (dict(key_value_seq_lengths=np.zeros((2,), np.int32)), ValueError, "key_value_seq_lengths: expected shape (1,)"),

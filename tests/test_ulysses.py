@@ -62,6 +62,8 @@ def _mesh():
         (dict(strategy="tree"), ValueError, "strategy: expected one of ('ring', 'ulysses', 'auto'), got 'tree'"),
         (dict(bias=np.zeros((1, 2, 4, 4), np.float32), strategy="ulysses"), ValueError, "bias: ring attention"),
         (dict(local_window_size=(1, 2, 3), strategy="auto"), TypeError, "local_window_size: expected an int"),
+        (dict(mask_mod=lambda b, h, q, kv: q >= kv, strategy="ulysses"), ValueError,
+         "strategy: mask_mod runs on the ring only"),
     ],
 )
 def test_bad_input(kwargs, kind, text):
@@ -79,6 +81,12 @@ def test_explain_on_one_device_and_heads_that_do_not_split():
         jattn.explain_sequence_parallel(Q, Q, Q, axis_name="s")
     # One device always splits; the heads check is exercised on 8 devices (ring_checks).
     assert jattn.explain_sequence_parallel(Q, Q, Q, mesh=_mesh(), axis_name="s", strategy="ulysses").strategy == "ulysses"
+
+
+def test_auto_picks_the_ring_for_a_mask_mod():
+    e = jattn.explain_sequence_parallel(Q, Q, Q, mesh=_mesh(), axis_name="s", strategy="auto",
+                                        mask_mod=lambda b, h, q, kv: q >= kv)
+    assert e.strategy == "ring" and "mask_mod" in e.reason
 
 
 def test_ulysses_on_one_device_matches_dot_product_attention():
