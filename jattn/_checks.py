@@ -101,8 +101,12 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / head_dim**0.5 if head_dim else 1.0
 
 
-def window(name: str, w: Any) -> tuple[int, int]:
-    """``int`` or ``(left, right)`` of non-negative ints -> ``(left, right)``."""
+def window(name: str, w: Any, limit: int | None = None) -> tuple[int, int]:
+    """``int`` or ``(left, right)`` of non-negative ints -> ``(left, right)``.
+
+    With ``limit`` (T + S: no query is further than that from any key), larger sizes are
+    clamped to it; they mean the same (no bound on that side) and stay within int32.
+    """
     pair = (w, w) if isinstance(w, (int, np.integer)) else w
     if (
         not isinstance(pair, (tuple, list))
@@ -112,6 +116,8 @@ def window(name: str, w: Any) -> tuple[int, int]:
         raise TypeError(f"{name}: expected an int or a (left, right) pair of ints, got {w!r}")
     if pair[0] < 0 or pair[1] < 0:
         raise ValueError(f"{name}: expected non-negative window sizes, got {tuple(pair)}")
+    if limit is not None:
+        return min(int(pair[0]), limit), min(int(pair[1]), limit)
     return int(pair[0]), int(pair[1])
 
 

@@ -17,7 +17,8 @@ stay scalars (unbatched) under ``jax.vmap`` and skipped blocks cost nothing. Eac
 causal/window mask evaluated), masked blocks after it.
 
 Not supported here (``jattn.dispatch`` falls back to ``'xla'``): returned weights and dropout.
-Forward-mode autodiff (jvp) raises JAX's ``custom_vjp`` TypeError.
+Forward-mode autodiff (jvp) is not supported: ``dot_product_attention`` turns JAX's
+``custom_vjp`` TypeError into one that suggests ``implementation='xla'``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn import _checks
 from jattn.masks import StructuredMask
@@ -222,7 +223,7 @@ def dot_product_attention(
     Semantics where jattn differs from jax.nn on purpose: a query row that can see no key
     (mask, ``-inf`` bias, lengths, window, segments) returns exactly 0 with zero gradients
     and residual ``-inf`` (jax.nn returns the mean of ``value``, or NaN for a ``-inf``
-    bias). Logits, softmax and accumulation are fp32 for every input dtype; the output has
+    bias). Logits, softmax and accumulation are fp32 (float64 for float64 inputs); the output has
     the dtype of ``query``.
     """
     from jattn import dispatch  # late import: dispatch registers the implementations
@@ -269,7 +270,7 @@ def dot_product_attention(
         )
     q_seg = _per_batch(q_segment_ids, "q_segment_ids", _checks.integer, batch_shape, (T,), "[*B, T]")
     kv_seg = _per_batch(kv_segment_ids, "kv_segment_ids", _checks.integer, batch_shape, (S,), "[*B, S]")
-    window = None if local_window_size is None else _checks.window("local_window_size", local_window_size)
+    window = None if local_window_size is None else _checks.window("local_window_size", local_window_size, T + S)
     _checks.choice("causal_alignment", causal_alignment, ("top_left", "bottom_right"))
     scale = _checks.default_scale(H) if scale is None else _checks.concrete_number("scale", scale)
     if logits_soft_cap is not None:
@@ -281,9 +282,10 @@ def dot_product_attention(
         dropout_rate, dropout_rng = 0.0, None
     if block_sizes is not None:
         if (not isinstance(block_sizes, (tuple, list)) or len(block_sizes) != 2
-                or not all(isinstance(b, int) and b > 0 for b in block_sizes)):
+                or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0
+                           for b in block_sizes)):
             raise ValueError(f"block_sizes: expected (block_q, block_kv) of positive ints, got {block_sizes!r}")
-        block_sizes = tuple(block_sizes)
+        block_sizes = tuple(int(b) for b in block_sizes)
 
     B = math.prod(batch_shape)
     arrays = Arrays(
@@ -305,7 +307,17 @@ def dot_product_attention(
         block_sizes=block_sizes,
     )
     chosen = dispatch.resolve(implementation, config, arrays, return_weights=return_weights)
-    out, lse, weights = _run(config._replace(implementation=chosen), arrays, dropout_rng, return_weights)
+    try:
+        out, lse, weights = _run(config._replace(implementation=chosen), arrays, dropout_rng, return_weights)
+    except TypeError as e:  # JAX's message for jvp of a custom_vjp names none of this
+        if chosen != "chunked" or "forward-mode" not in str(e):
+            raise
+        how = "requested" if implementation == "chunked" else "chosen automatically for long sequences"
+        raise TypeError(
+            f"implementation: 'chunked' ({how}) supports reverse-mode autodiff (grad, vjp) but not "
+            f"forward-mode (jax.jvp, jax.jacfwd, jax.hessian); pass implementation='xla' for "
+            f"forward-mode derivatives"
+        ) from e
     out = jnp.reshape(out, batch_shape + (T, N, v_shape[-1]))  # [*B, T, N, Hv]
     extras = []
     if return_residual:

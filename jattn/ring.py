@@ -660,7 +660,8 @@ def ring_attention(
     scale = _checks.default_scale(H) if scale is None else _checks.concrete_number("scale", scale)
     if logits_soft_cap is not None:
         logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
-    window = None if local_window_size is None else _checks.window("local_window_size", local_window_size)
+    window = (None if local_window_size is None
+              else _checks.window("local_window_size", local_window_size, P * (Tl + Sl)))
     bq, bk = _tile_sizes(block_sizes, Tl, Sl)
     hops = _hops(bool(is_causal), window, layout, P, Tl, Sl)
     if mask_mod is not None and not callable(mask_mod):

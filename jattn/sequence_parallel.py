@@ -213,6 +213,9 @@ def sequence_parallel_attention(
     for name, (x, spec) in per_example.items():
         if x is not None:
             arrays[name], specs[name] = x, spec
+    for name in ("scale", "logits_soft_cap"):  # static options: a jnp scalar becomes a float
+        if kwargs.get(name) is not None:
+            kwargs[name] = _checks.concrete_number(name, kwargs[name])
     options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
     return _run(arrays, tuple(specs.items()), mesh, axis_name, rows, layout, plan.strategy, options)
 

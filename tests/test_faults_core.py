@@ -336,6 +336,7 @@ def test_auto_never_sends_a_bias_to_cudnn(fake_gpu):
     assert jattn.explain_implementation(q, k, v).implementation == "cudnn"
     choice = jattn.explain_implementation(q, k, v, bias)
     assert choice.implementation == "xla" and "-inf bias" in choice.reason
+    fake_gpu.clear()  # explain_implementation traced the cuDNN call above
     out = jattn.dot_product_attention(q, k, v, bias)
     assert fake_gpu == [] and np.all(np.asarray(out, np.float32)[0, 3, 1] == 0)
 
@@ -372,3 +373,92 @@ def test_cudnn_is_not_chosen_for_empty_inputs(fake_gpu):
     with pytest.raises(ValueError, match="non-empty"):
         jattn.explain_implementation(q, k, v, implementation="cudnn")
     np.testing.assert_array_equal(np.asarray(jattn.dot_product_attention(q, k, v), np.float32), 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Clear errors (or the right result) for the remaining unclear cases.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", [None, "chunked"])
+def test_jvp_through_chunked_says_so_and_suggests_xla(implementation):
+    q = jnp.ones((1, 1024, 1, 8))  # T * S = 1024**2: the automatic choice is 'chunked'
+    assert jattn.explain_implementation(q, q, q).implementation == "chunked"
+    f = lambda q: jattn.dot_product_attention(q, q, q, implementation=implementation)
+    how = "chosen automatically" if implementation is None else "requested"
+    with pytest.raises(TypeError, match=rf"'chunked' \({how}.*forward-mode.*implementation='xla'"):
+        jax.jvp(f, (q,), (q,))
+    small = q[:, :16]
+    t_xla = jax.jvp(lambda q: jattn.dot_product_attention(q, q, q, implementation="xla"), (small,), (small,))[1]
+    assert np.isfinite(np.asarray(t_xla)).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("window", [2**31, (2**31, 0), (1, 2**40)])
+def test_huge_local_windows_mean_no_bound(path, window):
+    q, k, v = _inputs(16)
+    got = jattn.dot_product_attention(q, k, v, local_window_size=window, **PATHS[path])
+    left, right = (window, window) if isinstance(window, int) else window
+    ref, _, _ = naive_attention(q, k, v, window=(min(left, T + S), min(right, T + S)))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_sizes", [(True, True), (4, False), (2.0, 2), (0, 4)])
+def test_bad_block_sizes_are_value_errors(block_sizes):
+    q, k, v = _inputs(17)
+    with pytest.raises(ValueError, match=r"block_sizes: expected \(block_q, block_kv\) of positive ints, got"):
+        jattn.dot_product_attention(q, k, v, implementation="chunked", block_sizes=block_sizes)
+    out = jattn.dot_product_attention(q, k, v, implementation="chunked", block_sizes=(np.int64(2), 3))
+    np.testing.assert_allclose(out, jattn.dot_product_attention(q, k, v, implementation="xla"), atol=1e-6)
+
+
+def test_sequence_parallel_takes_jnp_scalar_scale_and_soft_cap():
+    mesh = jax.make_mesh((1,), ("seq",))
+    q, k, v = _inputs(18, s=T)
+    k, v = k.repeat(2, axis=2), v.repeat(2, axis=2)  # N = K
+    got = jattn.sequence_parallel_attention(q, k, v, mesh=mesh, axis_name="seq", scale=jnp.float32(0.5),
+                                            logits_soft_cap=jnp.asarray(5.0))
+    want = jattn.dot_product_attention(q, k, v, scale=0.5, logits_soft_cap=5.0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(TypeError, match="scale: expected a static Python number, got a traced array"):
+        jax.jit(lambda s: jattn.sequence_parallel_attention(q, k, v, mesh=mesh, axis_name="seq", scale=s))(0.5)
+
+
+_EXPLICIT_MESH_GRAD = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np, jattn
+mesh = jax.make_mesh((2,), ("seq",))  # Explicit axes (the default)
+q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 2, 4)), jnp.float32)
+f = lambda q: jnp.sum(jattn.sequence_parallel_attention(q, q, q, mesh=mesh, axis_name="seq") ** 2)
+try:
+    jax.grad(f)(q)
+    print("eager grad without set_mesh: ran")
+except ValueError as e:
+    print("eager grad without set_mesh:", "jax.set_mesh" in str(e))
+with jax.set_mesh(mesh):
+    g1 = jax.grad(f)(q)
+g2 = jax.jit(jax.grad(f))(q)
+g3 = jax.grad(lambda q: jnp.sum(jattn.dot_product_attention(q, q, q) ** 2))(q)
+print("set_mesh / jit match", float(jnp.max(jnp.abs(g1 - g3))) < 1e-4, float(jnp.max(jnp.abs(g2 - g3))) < 1e-4)
+"""
+
+
+def test_readme_explicit_mesh_eager_grad_note_holds():
+    """README: eager jax.grad over an Explicit mesh needs jax.set_mesh or jit (checked here)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert "Eager `jax.grad` on an Explicit mesh" in readme and "jax.set_mesh(mesh)" in readme
+    proc = subprocess.run([sys.executable, "-c", _EXPLICIT_MESH_GRAD], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "set_mesh / jit match True True" in lines, lines
+    # If a future JAX runs it eagerly, the README note can go; until then the error names the fix.
+    assert any(line.startswith("eager grad without set_mesh: ") for line in lines), lines
+    assert "eager grad without set_mesh: False" not in lines, lines
+
+
+def test_huge_local_window_on_ring():
+    q, k, v = _inputs(19, s=T)
+    got = _ring(q, k, v, is_causal=True, local_window_size=(2**31, 2**31))
+    np.testing.assert_allclose(got, jattn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
