@@ -294,7 +294,7 @@ def test_lock_of_a_sigkilled_holder_does_not_block(tmp_path, env):
         with pytest.raises(TrainerError, match=f"in use by another train_toy.py run \\(pid {holder.pid} "):
             workdir_lock.lock_workdir(str(tmp_path))
         holder.send_signal(signal.SIGKILL)
-        holder.wait(30)
+        holder.communicate(timeout=30)  # reaps it and closes its pipes
     finally:
         _kill(holder)
     assert holder.returncode == -signal.SIGKILL
