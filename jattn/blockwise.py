@@ -80,7 +80,7 @@ def init_carry(tq: int, d_v: int, dtype=jnp.float32) -> Carry:
 def init_carry_like(q_blk, d_v: int) -> Carry:
     """``init_carry`` in ``q_blk``'s dtype, built from ``q_blk`` (``*_like``) so that inside
     ``jax.shard_map`` it varies over the same mesh axes as the queries (loop carries must)."""
-    m = jnp.full_like(q_blk[:, 0], -jnp.inf)  # [tq]
+    m = jnp.full_like(jnp.sum(q_blk, axis=-1), -jnp.inf)  # [tq]; d_k may be 0
     return m, jnp.zeros_like(m), jnp.zeros_like(m, shape=(q_blk.shape[0], d_v))
 
 
