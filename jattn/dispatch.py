@@ -43,10 +43,10 @@ from jattn.chunked import chunked_head
 from jattn.masks import StructuredMask
 from jattn.multihead import (
     Arrays, Config, dot_product_attention, register_implementation,
-    register_multihead_implementation,
+    register_multihead_implementation, registered_implementations,
 )
 
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn")  # the built-ins; registered_implementations() has all
 CHUNKED_MIN_TS = 512 * 1024  # T * S from which None picks 'chunked' over 'xla' (measured)
 CUDNN_HEAD_DIMS = range(8, 129, 8)  # head dims cuDNN's fused attention accepts (H == Hv)
 
@@ -144,8 +144,12 @@ def cudnn_problems(config: Config, arrays: Arrays, *, return_weights: bool) -> l
 
 def choose(implementation: str | None, config: Config, arrays: Arrays, *, return_weights: bool) -> Choice:
     """The implementation that will run and the reason (a ValueError if the request is impossible)."""
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    known = registered_implementations()
+    if implementation is not None and implementation not in known:
+        raise ValueError(
+            f"implementation: expected None or one of {known} (add one with "
+            f"jattn.multihead.register_implementation), got {implementation!r}"
+        )
     needs_xla = [why for cond, why in (
         (return_weights, "return_weights=True"),
         (config.dropout_rate > 0, f"dropout_rate={config.dropout_rate}"),
@@ -160,8 +164,8 @@ def choose(implementation: str | None, config: Config, arrays: Arrays, *, return
     if needs_xla:
         what = " and ".join(needs_xla)
         return Choice("xla", f"{what} needs the materialised weights, which only 'xla' has")
-    if implementation == "chunked":
-        return Choice("chunked", "requested")
+    if implementation is not None:  # 'chunked' or a registered implementation
+        return Choice(implementation, "requested")
     note = ""
     if not cudnn_problems(config, arrays, return_weights=return_weights):
         if arrays.bias is None:
@@ -178,10 +182,10 @@ _EXPLAINING: contextvars.ContextVar[list | None] = contextvars.ContextVar("expla
 
 
 def resolve(implementation: str | None, config: Config, arrays: Arrays, *, return_weights: bool) -> str:
-    """The implementation that will run (a name in ``IMPLEMENTATIONS``)."""
+    """The implementation that will run (a registered name, see ``registered_implementations``)."""
     choice = choose(implementation, config, arrays, return_weights=return_weights)
-    if implementation == "chunked" and choice.implementation == "xla":
-        warnings.warn(f"implementation='chunked' falls back to 'xla': {choice.reason}", UserWarning,
+    if implementation is not None and choice.implementation != implementation:
+        warnings.warn(f"implementation={implementation!r} falls back to 'xla': {choice.reason}", UserWarning,
                       stacklevel=3)
     seen = _EXPLAINING.get()
     if seen is not None:

@@ -74,6 +74,11 @@ def register_multihead_implementation(name: str, call_fn: Callable) -> None:
     _CALL_FNS[name] = call_fn
 
 
+def registered_implementations() -> tuple[str, ...]:
+    """Every name ``implementation=`` accepts: the built-ins and whatever was registered."""
+    return tuple(sorted(set(_HEAD_FNS) | set(_CALL_FNS)))
+
+
 def _squeeze_broadcast_axes(x: jax.Array | None):
     """[Bm, Km, Gm, T, S] -> (x without its size-1 leading axes, vmap axes for B, K, G).
 
