@@ -24,9 +24,9 @@ from jattn.masks import StructuredMask
 
 
 class Config(NamedTuple):
-    """Static (hashable) settings of one call; everything else is an array."""
+    """Static (hashable) settings of one call; everything else is an array. Which implementation
+    runs is not part of it: ``dispatch`` chooses that from the settings."""
 
-    implementation: str
     scale: float
     is_causal: bool
     offset: int  # query row i sits at key position i + offset
@@ -92,9 +92,9 @@ def _squeeze_broadcast_axes(x: jax.Array | None):
     return jnp.squeeze(x, unit), axes
 
 
-def _lift(config: Config, a: Arrays):
-    """vmap the single-head function over G, K and B. Returns out, lse, weights."""
-    head_fn = _HEAD_FNS[config.implementation]
+def _lift(implementation: str, config: Config, a: Arrays):
+    """vmap the registered single-head function over G, K and B. Returns out, lse, weights."""
+    head_fn = _HEAD_FNS[implementation]
 
     def one_head(q, k, v, mask, bias, keep, q_len, kv_len, q_seg, kv_seg):
         structure = StructuredMask(
@@ -130,8 +130,8 @@ def _lift(config: Config, a: Arrays):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "return_weights"))
-def _run(config: Config, arrays: Arrays, dropout_rng, return_weights: bool):
+@functools.partial(jax.jit, static_argnames=("implementation", "config", "return_weights"))
+def _run(implementation: str, config: Config, arrays: Arrays, dropout_rng, return_weights: bool):
     """(out, lse, weights or None): the weights leave the program only when asked for."""
     if config.dropout_rate > 0 and dropout_rng is not None:
         B, T, K, G, _ = arrays.query.shape
@@ -140,10 +140,10 @@ def _run(config: Config, arrays: Arrays, dropout_rng, return_weights: bool):
         keep = jax.random.bernoulli(dropout_rng, 1.0 - config.dropout_rate, shape)
         keep = jnp.broadcast_to(keep.astype(jnp.float32) / (1.0 - config.dropout_rate), (B, K, G, T, S))
         arrays = arrays._replace(keep=keep)
-    if config.implementation in _CALL_FNS:
-        out, lse = _CALL_FNS[config.implementation](config, arrays)
+    if implementation in _CALL_FNS:
+        out, lse = _CALL_FNS[implementation](config, arrays)
         return out, lse, None
-    out, weights, lse = _lift(config, arrays)
+    out, weights, lse = _lift(implementation, config, arrays)
     return out, lse, weights if return_weights else None
 
 
@@ -301,7 +301,6 @@ def dot_product_attention(
         q_lengths=q_lengths, kv_lengths=kv_lengths, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
     )
     config = Config(
-        implementation="",
         scale=scale,
         is_causal=bool(is_causal),
         offset=0 if causal_alignment == "top_left" else S - T,
@@ -313,7 +312,7 @@ def dot_product_attention(
     )
     chosen = dispatch.resolve(implementation, config, arrays, return_weights=return_weights)
     try:
-        out, lse, weights = _run(config._replace(implementation=chosen), arrays, dropout_rng, return_weights)
+        out, lse, weights = _run(chosen, config, arrays, dropout_rng, return_weights)
     except TypeError as e:  # JAX's message for jvp of a custom_vjp names none of this
         if chosen != "chunked" or "forward-mode" not in str(e):
             raise
