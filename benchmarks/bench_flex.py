@@ -15,7 +15,7 @@ interleaved rounds, minimum over rounds):
 - ``memory``: compiled fwd+bwd temp memory with the document mask at T=16384 (compile only).
 - ``create_block_mask``: T=S=65536, block 128, document mask: time and compiled temp memory.
 
-Writes ``benchmarks/results/flex_cpu.json``. ``--quick`` shrinks every T by 4 (smoke run).
+Writes ``benchmarks/results/flex_cpu.json``. ``--quick`` shrinks every T by 4, ``--smoke`` by 16.
 
     flock /tmp/jattn-bench.lock timeout 3000 python benchmarks/bench_flex.py
 """
@@ -188,10 +188,11 @@ def block_mask_creation(T, rounds, log):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every T divided by 4, one round")
+    parser.add_argument("--smoke", action="store_true", help="every T divided by 16, one round (does it run?)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "flex_cpu.json"))
     args = parser.parse_args()
-    div, rounds = (4, 1) if args.quick else (1, args.rounds)
+    div, rounds = (16, 1) if args.smoke else (4, 1) if args.quick else (1, args.rounds)
     rows = []
 
     def log(row):

@@ -46,7 +46,7 @@ def _check_layout(bm, expected):
             np.testing.assert_array_equal(idx[pos][: num[pos]], np.flatnonzero(exp_t[pos] == code))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.sampled_from([(5, 7), (11, 6), (8, 13)]),
     blocks=st.sampled_from([(2, 3), (4, 4), (3, 5)]),

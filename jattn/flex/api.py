@@ -25,7 +25,16 @@ from jattn.flex.dense import dense_head
 from jattn.flex.kernel import Inputs, Rows, Static, flex_head
 
 IMPLEMENTATIONS = (None, "xla", "chunked")
-DEFAULT_BLOCK_SIZE = 128
+
+
+def default_block_size(T: int, S: int) -> tuple[int, int]:
+    """Tiles of a block mask built by ``flex_attention`` itself: ``'chunked'``'s defaults.
+
+    (512, 256) from T = 1024 on, (256, 256) below, shrunk to short inputs: large tiles keep
+    the CPU's matmuls efficient; pass a ``block_mask`` with ``block_size=128`` for patterns
+    whose sparsity is finer (many short documents).
+    """
+    return min(512 if T >= 1024 else 256, T), min(256, S)
 
 
 def _check_inputs(query, key, value):
@@ -131,7 +140,7 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
       mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend) on scalars.
       block_mask: a ``BlockMask`` from ``create_block_mask``; its ``mask_mod`` is used when
         ``mask_mod`` is None. Without it one is built (per batch row / head only if the
-        mask_mod reads ``b`` / ``h``) with block size 128.
+        mask_mod reads ``b`` / ``h``) with ``default_block_size(T, S)``.
       scale: multiplies ``q·kᵀ`` before score_mod; default ``1/sqrt(H)``.
       return_residual: also return the fp32 row logsumexp ``[*B, T, N]`` (stop-gradient).
       implementation: ``'chunked'`` (block-sparse, memory-linear; the default), or ``'xla'``
@@ -170,7 +179,7 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
         if block_mask is None:
             block_mask = create_block_mask(
                 mask_mod, B if mmod is not None and mmod.uses_b else None,
-                N if mmod is not None and mmod.uses_h else None, T, S, block_size=DEFAULT_BLOCK_SIZE,
+                N if mmod is not None and mmod.uses_h else None, T, S, block_size=default_block_size(T, S),
             )
         bq, bk = block_mask.block_size
         st = Static(T, S, bq, bk, scale, *closed)
