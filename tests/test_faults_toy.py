@@ -220,9 +220,10 @@ def test_damaged_checkpoint_falls_back_to_older_intact_one(copy_of_killed, kille
 
 def test_every_checkpoint_damaged_is_a_clear_error(copy_of_killed, env):
     _corrupt(copy_of_killed / "checkpoints" / "8")
-    _delete_metadata(copy_of_killed / "checkpoints" / "4")
+    (copy_of_killed / "checkpoints" / "4" / "jattn_manifest.json").unlink()  # as if killed before writing it
     proc = _train(copy_of_killed, env=env)
-    _assert_clean_failure(proc, "no intact checkpoint is left in", "Run again to start over from step 0")
+    _assert_clean_failure(proc, "no intact checkpoint is left in", "Run again to start over from step 0",
+                          "jattn_manifest.json is missing (the save never finished)")
     assert proc.stderr.count("is damaged") == 2
     assert not (copy_of_killed / "summary.json").exists()
     assert sorted(p.name for p in (copy_of_killed / "damaged_checkpoints").iterdir()) == ["4", "8"]

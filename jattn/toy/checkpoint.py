@@ -15,8 +15,9 @@ Resuming (``restore_latest``): checkpoints are tried newest first. One whose fil
 its manifest (changed, truncated, missing or extra files, no manifest) or whose restored arrays
 do not match it is moved to ``damaged_checkpoints/`` next to the checkpoint directory, with a
 warning naming it, and the next older one is tried. A run killed mid-save leaves an orbax
-temporary directory (removed when the manager opens, ``cleanup_tmp_directories``) or a step
-directory without orbax's commit marker (deleted here), neither of which is ever loaded.
+temporary directory (removed when the manager opens, ``cleanup_tmp_directories``), a step
+directory without orbax's commit marker (deleted here) or, killed between orbax's commit and
+the manifest, a step without a manifest (set aside as damaged); none of them is ever loaded.
 """
 
 from __future__ import annotations
