@@ -164,6 +164,16 @@ def main():
     seqs = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
     rounds = 2 if args.quick else args.rounds
     rows, skipped = [], []
+
+    def write():  # after every row: a run cut short still leaves its results
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"command": "python benchmarks/bench_decode.py" + (" --quick" if args.quick else ""),
+                       "shape": {"B": B, "N": N, "K": K, "H": H, "Tq": 1}, "rounds": rounds,
+                       "jax": jax.__version__, "cpus": os.cpu_count(),
+                       "note": "machine shared with other jobs; min over interleaved rounds",
+                       "rows": rows, "skipped": skipped}, f, indent=1)
+
     header = (f"{'dtype':>8} {'S':>6} {'bw GB/s':>8} {'decode ms':>9} {'GB/s':>6} {'frac':>5} "
               f"{'ragged/full':>11} {'paged/contig':>12} {'vs jax.nn':>9} {'vs jattn.dpa':>12}")
     print(f"B={B} N={N} K={K} H={H}, one new token; {platform.processor() or platform.machine()}, "
@@ -178,6 +188,7 @@ def main():
                                 "available_GiB": _available_bytes() / 2**30})
                 print(f"{name:>8} {S:>6} skipped: needs {need / 2**30:.1f} GiB, "
                       f"{_available_bytes() / 2**30:.1f} GiB available")
+                write()
                 continue
             r = run(dtype, S, rounds)
             rows.append(r)
@@ -185,13 +196,7 @@ def main():
                   f"{r['decode_GBps']:>6.2f} {r['fraction_of_bw']:>5.2f} {r['ragged_over_full']:>11.2f} "
                   f"{r['paged_over_contiguous']:>12.2f} {r['speedup_vs_jax_nn']:>8.2f}x "
                   f"{r['speedup_vs_jattn_dpa']:>11.2f}x", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": "python benchmarks/bench_decode.py" + (" --quick" if args.quick else ""),
-                   "shape": {"B": B, "N": N, "K": K, "H": H, "Tq": 1}, "rounds": rounds,
-                   "jax": jax.__version__, "cpus": os.cpu_count(),
-                   "note": "machine shared with other jobs; min over interleaved rounds",
-                   "rows": rows, "skipped": skipped}, f, indent=1)
+            write()
     _plot(rows, args.out.replace(".json", ".png"))
     print(f"wrote {args.out} and {args.out.replace('.json', '.png')}")
 

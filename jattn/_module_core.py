@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from jattn import _checks, _kv_cache
+from jattn import _checks, _kv_cache, paged
 from jattn.decode import decode_attention
 from jattn.flax_attention_fn import flax_attention_fn
 from jattn.rope import apply_rope
@@ -185,3 +185,33 @@ def attend(
         return x, None
     x = jnp.where(jnp.reshape(ok, ok.shape + (1, 1, 1)), x, jnp.nan)  # poison rows the cache could not take
     return x, step.cache
+
+
+def attend_paged(query, key, value, cache: paged.PagedKVCache, *, mask, lengths, is_causal: bool,
+                 positions, kv_positions, rope_base: float | None, logits_soft_cap: float | None):
+    """A decode call over a paged cache: reserve pages, append, attend over the pages.
+
+    Args:
+      query: ``[B, T, N, H]`` (one batch dim: the cache's sequence slots).
+      key, value: ``[B, T, K, H|Hv]`` the new tokens' keys and values, all T real.
+      cache: the module's ``jattn.paged.PagedKVCache``.
+      positions, kv_positions: RoPE positions, default each sequence's length + t.
+
+    Returns:
+      ``(x [B, T, N, Hv], new_cache)``. Misuse raises eagerly; under ``jit`` the sequence is
+      flagged and its outputs are NaN (see ``jattn.paged``).
+    """
+    if mask is not None or lengths is not None or not is_causal:
+        raise ValueError(
+            "decode: a paged cache takes plain causal steps (is_causal=True, no mask, no lengths); "
+            f"got is_causal={is_causal}, mask={'None' if mask is None else 'an array'}, "
+            f"lengths={'None' if lengths is None else 'an array'}"
+        )
+    T = query.shape[-3]
+    if rope_base is not None:
+        default = _kv_cache.positions(cache.lengths, T)  # [B, T]
+        query = apply_rope(query, default if positions is None else positions, rope_base)
+        key = apply_rope(key, default if kv_positions is None else kv_positions, rope_base)
+    num_new = jnp.full(cache.lengths.shape, T, jnp.int32)
+    cache = paged.append(paged.allocate(cache, num_new), key, value, num_new)
+    return paged.paged_decode_attention(query, cache, logits_soft_cap=logits_soft_cap), cache

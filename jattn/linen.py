@@ -34,7 +34,7 @@ from flax.linen import initializers
 from flax.linen.linear import default_kernel_init
 from flax.linen.module import merge_param
 
-from jattn import _checks, _kv_cache, _module_core
+from jattn import _checks, _kv_cache, _module_core, paged
 from jattn.flax_attention_fn import flax_attention_fn
 
 
@@ -91,6 +91,17 @@ class MultiHeadAttention(nn.Module):
         self.put_variable("cache", "cached_value", jnp.zeros(shape, dtype))
         self.put_variable("cache", "cache_index", jnp.zeros(shape[:-3], jnp.int32))
 
+    def init_paged_cache(self, features: int, num_pages: int, page_size: int, *, batch_size: int,
+                         max_pages_per_sequence: int, dtype=jnp.float32) -> None:
+        """Put an empty paged KV cache (``jattn.paged``) for inputs with ``features`` channels in
+        the ``'cache'`` collection as ``paged_cache``; decode calls (``is_causal=True``, no mask
+        or lengths) then reserve pages, append and attend over the pages."""
+        _, K, H = self._heads(features)
+        self.put_variable("cache", "paged_cache", paged.init(
+            num_pages, page_size, K, H, batch_size=batch_size,
+            max_pages_per_sequence=max_pages_per_sequence, dtype=dtype,
+        ))
+
     @nn.compact
     def __call__(
         self,
@@ -138,6 +149,23 @@ class MultiHeadAttention(nn.Module):
             query = norm("query_ln")(query)
             key = norm("key_ln")(key)
 
+        def out(x):  # [*B, T, N, H] -> [*B, T, F_out]
+            return nn.DenseGeneral(
+                features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
+                kernel_init=self.out_kernel_init or self.kernel_init,
+                bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
+                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="out",
+            )(x)
+
+        if decode and self.has_variable("cache", "paged_cache"):
+            x, paged_cache = _module_core.attend_paged(
+                query, key, value, self.get_variable("cache", "paged_cache"), mask=mask, lengths=lengths,
+                is_causal=is_causal, positions=positions, kv_positions=kv_positions,
+                rope_base=self.rope_base, logits_soft_cap=self.logits_soft_cap,
+            )  # [B, T, N, H]
+            self.put_variable("cache", "paged_cache", paged_cache)
+            return out(x)
+
         cache = None
         if decode and self.has_variable("cache", "cached_key"):
             names = ("cached_key", "cached_value", "cache_index")
@@ -166,9 +194,4 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             for name, array in zip(("cached_key", "cached_value", "cache_index"), cache):
                 self.put_variable("cache", name, array)
-        return nn.DenseGeneral(  # [*B, T, N, H] -> [*B, T, F_out]
-            features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
-            kernel_init=self.out_kernel_init or self.kernel_init,
-            bias_init=self.out_bias_init or self.bias_init, use_bias=self.use_bias,
-            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision, name="out",
-        )(x)
+        return out(x)

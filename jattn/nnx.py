@@ -35,7 +35,7 @@ except ModuleNotFoundError as err:  # Flax is the `flax` extra, not a core depen
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 
-from jattn import _checks, _kv_cache, _module_core
+from jattn import _checks, _kv_cache, _module_core, paged
 from jattn.flax_attention_fn import flax_attention_fn
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -159,6 +159,21 @@ class MultiHeadAttention(nnx.Module):
         self.cached_key = nnx.data(None)
         self.cached_value = nnx.data(None)
         self.cache_index = nnx.data(None)
+        self.paged_cache = nnx.data(None)
+
+    def init_paged_cache(self, num_pages: int, page_size: int, *, batch_size: int,
+                         max_pages_per_sequence: int, dtype=jnp.float32) -> None:
+        """Decode over a paged KV cache (``jattn.paged``) instead of the fixed one.
+
+        ``paged_cache`` holds a ``PagedKVCache`` with ``batch_size`` sequence slots; each decode
+        call (``is_causal=True``, no mask or lengths) reserves pages, appends its T tokens and
+        attends over the pages. Free a finished slot with
+        ``m.paged_cache.set_value(jattn.paged.free(m.paged_cache.get_value(), rows))``.
+        """
+        self.paged_cache = nnx.Cache(paged.init(
+            num_pages, page_size, self.num_kv_heads, self.head_dim, batch_size=batch_size,
+            max_pages_per_sequence=max_pages_per_sequence, dtype=dtype,
+        ))
 
     def init_cache(self, input_shape, dtype=jnp.float32) -> None:
         """Allocate an empty cache for inputs of shape ``[*B, max_length, F]``.
@@ -222,6 +237,17 @@ class MultiHeadAttention(nnx.Module):
         decode = bool(decode if decode is not None else self.decode)
         _module_core.check_lengths_use(lengths, decode)
         cache = None
+        if decode and self.paged_cache is not None:
+            query, key, value = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
+            if self.normalize_qk:
+                query, key = self.query_ln(query), self.key_ln(key)
+            x, new_cache = _module_core.attend_paged(
+                query, key, value, self.paged_cache.get_value(), mask=mask, lengths=lengths, is_causal=is_causal,
+                positions=positions, kv_positions=kv_positions, rope_base=self.rope_base,
+                logits_soft_cap=self.logits_soft_cap,
+            )  # [B, T, N, H]
+            self.paged_cache.set_value(new_cache)
+            return self.out(x)  # [B, T, F_out]
         if decode:
             if self.cached_key is None:
                 raise ValueError("decode: the KV cache is not initialised; call init_cache(input_shape, dtype) first")

@@ -126,3 +126,50 @@ def test_misuse_under_jit_flags_drops_and_poisons_only_the_offender():
     paged.check(freed)
     assert int(freed.page_free.sum()) == 3
     np.testing.assert_array_equal(np.asarray(paged.paged_decode_attention(q, freed))[0], out[0])
+
+
+def test_nnx_module_decodes_with_a_paged_cache():
+    """jattn.nnx.MultiHeadAttention over a paged cache equals the same layer over its fixed
+    cache: a prefill, then jitted single steps; a misused slot under jit is NaN only there."""
+    from flax import nnx
+
+    from jattn.nnx import MultiHeadAttention
+
+    layer = MultiHeadAttention(4, 8, num_kv_heads=2, rope_base=100.0, decode=True, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(4).standard_normal((2, 7, 8)).astype(np.float32)
+    layer.init_cache((2, 7, 8))
+    fixed = [layer(x[:, :4], is_causal=True)] + [layer(x[:, t:t + 1], is_causal=True) for t in range(4, 7)]
+    # 7 pages of 2 slots: at the 7th token slot 0 takes the last page, slot 1 runs out (under jit).
+    layer.init_paged_cache(7, 2, batch_size=2, max_pages_per_sequence=4)
+    step = nnx.jit(lambda m, tok: m(tok, decode=True, is_causal=True))
+    paged_out = [layer(x[:, :4], is_causal=True)] + [step(layer, x[:, t:t + 1]) for t in range(4, 7)]
+    for a, b in zip(fixed[:-1], paged_out[:-1]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(paged_out[-1][0]), np.asarray(fixed[-1][0]), atol=1e-5)
+    assert np.isnan(np.asarray(paged_out[-1][1])).all()
+    cache = layer.paged_cache.get_value()
+    assert np.asarray(cache.lengths).tolist() == [7, 6] and int(cache.errors[1]) != 0
+    with pytest.raises(ValueError, match="sequences {1:"):
+        paged.check(cache)
+    with pytest.raises(ValueError, match="a paged cache takes plain causal steps"):
+        layer(x[:, :1], is_causal=False)
+
+
+def test_linen_module_decodes_with_a_paged_cache():
+    import jax
+
+    from jattn.linen import MultiHeadAttention
+
+    model = MultiHeadAttention(num_heads=4, num_kv_heads=2, rope_base=100.0, decode=True)
+    x = np.random.default_rng(5).standard_normal((2, 6, 8)).astype(np.float32)
+    params = {"params": model.init(jax.random.key(0), x)["params"]}
+    fixed = model.init(jax.random.key(0), (2, 6, 8), method=model.init_cache)["cache"]
+    pages = model.init(jax.random.key(0), 8, 6, 2, batch_size=2, max_pages_per_sequence=3,
+                       method=model.init_paged_cache)["cache"]
+    for chunk in (slice(0, 3), slice(3, 4), slice(4, 6)):
+        a, upd = model.apply(params | {"cache": fixed}, x[:, chunk], is_causal=True, mutable=["cache"])
+        fixed = upd["cache"]
+        b, upd = model.apply(params | {"cache": pages}, x[:, chunk], is_causal=True, mutable=["cache"])
+        pages = upd["cache"]
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+    assert np.asarray(pages["paged_cache"].lengths).tolist() == [6, 6]
