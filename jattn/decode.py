@@ -182,7 +182,7 @@ def ungroup(out, batch_shape, Tq: int, K: int, G: int, Hv: int):
     return jnp.reshape(out, batch_shape + (Tq, K * G, Hv))  # [*B, Tq, N, Hv]
 
 
-def check_common(query, scale, logits_soft_cap, local_window_size, H: int):
+def check_common(scale, logits_soft_cap, local_window_size, H: int):
     """Checks shared by the contiguous and paged entry points. Returns (scale, cap, left)."""
     scale = 1.0 / H**0.5 if scale is None else _checks.concrete_number("scale", scale)
     if logits_soft_cap is not None:
@@ -297,7 +297,7 @@ def decode_attention(query, key_cache, value_cache, *, lengths, scale=None, logi
         raise ValueError(f"query, key_cache: the query heads N={N} must be a multiple of the kv heads K={K}")
     if S == 0 or Tq == 0:
         raise ValueError(f"query, key_cache: expected Tq >= 1 and S >= 1, got Tq={Tq}, S={S}")
-    scale, cap, left = check_common(query, scale, logits_soft_cap, local_window_size, H)
+    scale, cap, left = check_common(scale, logits_soft_cap, local_window_size, H)
     lengths = check_lengths(lengths, batch_shape, S)
     Hv = v_shape[-1]
     if num_splits is None:

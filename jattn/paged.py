@@ -329,7 +329,7 @@ def paged_decode_attention(query, cache: PagedKVCache, *, scale=None, logits_sof
         raise TypeError(f"query: expected the cache's dtype {cache.key_pages.dtype}, got {_checks.dtype_of('query', query)}")
     if _concrete(cache):
         check(cache)
-    scale, cap, left = _decode.check_common(query, scale, logits_soft_cap, local_window_size, H)
+    scale, cap, left = _decode.check_common(scale, logits_soft_cap, local_window_size, H)
     G = N // K
     q = _decode.group_queries(query, B, Tq, K, G, H)  # [B, K, R, H]
     static = _decode.Static(split_size=Ps, scale=scale, logits_soft_cap=cap, window_left=left)
