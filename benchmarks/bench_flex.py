@@ -15,7 +15,8 @@ interleaved rounds, minimum over rounds):
 - ``memory``: compiled fwd+bwd temp memory with the document mask at T=16384 (compile only).
 - ``create_block_mask``: T=S=65536, block 128, document mask: time and compiled temp memory.
 
-Writes ``benchmarks/results/flex_cpu.json``. ``--quick`` shrinks every T by 4, ``--smoke`` by 16.
+Writes ``benchmarks/results/flex_cpu.json`` (``--memory-only``: compile-only temp memory of the
+window, document and create_block_mask cases, no timing, into ``flex_cpu_memory.json``). ``--quick`` shrinks every T by 4, ``--smoke`` by 16.
 
     flock /tmp/jattn-bench.lock timeout 3000 python benchmarks/bench_flex.py
 """
@@ -185,13 +186,34 @@ def block_mask_creation(T, rounds, log):
              temp_mib=jax.jit(build).lower(ids).compile().memory_analysis().temp_size_in_bytes / MiB))
 
 
+def memory_only(window_Ts, mask_T, log):
+    """Compiled temp memory of the window and document cases and of create_block_mask."""
+    for T in window_Ts:
+        q, k, v = _inputs(T)
+        bm = jattn.create_block_mask(mods.sliding_window(256), None, None, T, T, block_size=128)
+        flex = lambda q, k, v, bm=bm: jattn.flex_attention(q, k, v, block_mask=bm)
+        log(dict(case="window_memory", T=T, window=256, block=128, fwd_bwd_temp_mib=_temp_mib(_fwd_bwd(flex), q, k, v)))
+    memory(window_Ts[0], log)
+
+    def build(ids):
+        return jax.tree.leaves(jattn.create_block_mask(mods.and_masks(mods.document(ids), mods.causal), None, None,
+                                                       mask_T, mask_T, block_size=128))
+
+    log(dict(case="create_block_mask_memory", T=mask_T, block=128, docs=16,
+             temp_mib=jax.jit(build).lower(_doc_ids(mask_T, 16)).compile().memory_analysis().temp_size_in_bytes / MiB))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every T divided by 4, one round")
     parser.add_argument("--smoke", action="store_true", help="every T divided by 16, one round (does it run?)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="compile-only temp memory (no timing: safe to run beside other jobs)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "flex_cpu.json"))
     args = parser.parse_args()
+    if args.memory_only and args.out.endswith("flex_cpu.json"):
+        args.out = args.out.replace("flex_cpu.json", "flex_cpu_memory.json")
     div, rounds = (16, 1) if args.smoke else (4, 1) if args.quick else (1, args.rounds)
     rows = []
 
@@ -199,12 +221,15 @@ def main():
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
-    documents(8192 // div, rounds, log)
-    causal(4096 // div, rounds, log)
-    alibi(4096 // div, rounds, log)
-    window([16384 // div, 32768 // div], rounds, log)
-    memory(16384 // div, log)
-    block_mask_creation(65536 // div, rounds, log)
+    if args.memory_only:
+        memory_only([16384 // div, 32768 // div], 65536 // div, log)
+    else:
+        documents(8192 // div, rounds, log)
+        causal(4096 // div, rounds, log)
+        alibi(4096 // div, rounds, log)
+        window([16384 // div, 32768 // div], rounds, log)
+        memory(16384 // div, log)
+        block_mask_creation(65536 // div, rounds, log)
     meta = dict(jax=jax.__version__, platform=platform.platform(), processor=platform.processor(),
                 cpus=os.cpu_count(), N=N, H=H, B=1, dtype="float32", quick=args.quick, rounds=rounds,
                 note="shared 2-core machine (other jobs running); minimum over interleaved rounds")
