@@ -113,6 +113,9 @@ def test_block_mask_for_other_shapes_is_a_value_error():
     ):
         with pytest.raises(ValueError, match="block_mask: built for"):
             jattn.flex_attention(q, k, v, block_mask=bad)
+    per_row = mods.lengths(jnp.array([8, 3]), jnp.array([12, 5]))  # reads b: must not be broadcast
+    with pytest.raises(ValueError, match="reads 'b' but the mask was built with B=None"):
+        jattn.flex_attention(q, k, v, block_mask=jattn.create_block_mask(per_row, None, None, 8, 12, block_size=4))
     ok = jattn.create_block_mask(mods.causal, 2, 4, 8, 12, block_size=4)
     with pytest.raises(ValueError, match="mask_mod, block_mask"):
         jattn.flex_attention(q, k, v, block_mask=ok, mask_mod=mods.sliding_window(2))

@@ -166,6 +166,14 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
     dt = jnp.promote_types(_checks.dtype_of("query", query), jnp.float32)
     smod = None if score_mod is None else convert.convert("score_mod", score_mod, dt)
     mmod = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
+    if block_mask is not None and mmod is not None:
+        Bm, Nm = block_mask.shape[:2]
+        for name, reads, built, size in (("b", mmod.uses_b, Bm, B), ("h", mmod.uses_h, Nm, N)):
+            if reads and built == 1 and size > 1:
+                raise ValueError(
+                    f"block_mask: its mask_mod reads {name!r} but the mask was built with "
+                    f"{'B' if name == 'b' else 'N'}=None (broadcast); pass {size} to create_block_mask"
+                )
 
     q = jnp.reshape(query, (B, T, K, G, H)).astype(dt)  # [B, T, K, G, H]
     k = jnp.reshape(key, (B, S, K, H)).astype(dt)  # [B, S, K, H]
