@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks
+from jattn import _checks, _finite
 from jattn.masks import StructuredMask, combine_masks
 
 
@@ -79,12 +79,15 @@ def attention_head(
     """softmax(soft_cap(q kᵀ · scale) + bias, masked) v, in fp32, for one head.
 
     A row that can see no key (everything masked, or every bias entry -inf) gives exactly 0
-    with zero gradients, rather than the mean of v.
+    with zero gradients, rather than the mean of v. A NaN or inf in a query, key or value row
+    makes NaN the rows that see it, and only those (``jattn._finite``).
     """
     T, S = q.shape[0], k.shape[0]
     f32 = jnp.promote_types(q.dtype, jnp.float32)
+    (q, q_bad), (k, k_bad), (v, v_bad) = _finite.split(q), _finite.split(k), _finite.split(v)
     logits = jnp.einsum("td,sd->ts", q, k, preferred_element_type=f32) * scale  # [T, S]
     logits = soft_cap(logits, logits_soft_cap)
+    logits = logits + _finite.nan_at(q_bad, f32)[:, None] + _finite.nan_at(k_bad, f32)[None, :]  # [T, S]
     hidden_by_bias = None
     if bias is not None:
         logits = logits + bias.astype(f32)
@@ -96,6 +99,8 @@ def attention_head(
     weights, lse = masked_softmax(logits, visible)  # [T, S], [T]
     mixed = weights if keep is None else weights * keep
     out = jnp.einsum("ts,sd->td", mixed, v, preferred_element_type=f32)  # [T, d_v]
+    # Rows that see a non-finite value are NaN; the product keeps their gradients NaN too.
+    out = out * (1 + _finite.nan_at(_finite.rows_seeing(v_bad, visible, T), f32))[:, None]
     return HeadOutput(out.astype(q.dtype), weights, lse)
 
 

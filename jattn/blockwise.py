@@ -33,6 +33,10 @@ API (stable):
   0 when only ``out`` is used). Summing the tile results over all visible tiles gives the full
   gradients; ``dbias`` is None when ``bias_tile`` is.
 
+Non-finite inputs (``jattn._finite``): a query or key row holding a NaN or inf gives NaN
+logits, a value row holding one makes NaN every output row that sees it; a hidden key or
+value never reaches a row that does not see it, whatever the tiling.
+
 All arithmetic runs in the dtype of the inputs; callers cast them to fp32 first (float64
 stays float64).
 """
@@ -42,18 +46,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jattn import _finite
 from jattn.masks import combine_masks
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # m [tq], l [tq], acc [tq, d_v]
 
 
-def _capped_scores(q_blk, k_blk, scale: float, cap: float | None):
-    """(soft_cap(q kᵀ · scale) [tq, tk], tanh of the cap [tq, tk] or None)."""
+def _capped_scores(q_blk, k_blk, q_bad, k_bad, scale: float, cap: float | None):
+    """(soft_cap(q kᵀ · scale) [tq, tk], tanh of the cap [tq, tk] or None) of finite rows
+    ``q_blk``, ``k_blk`` (``_finite.split``); NaN where a query or key row was non-finite."""
     raw = jnp.einsum("qd,kd->qk", q_blk, k_blk) * scale  # [tq, tk]
-    if cap is None:
-        return raw, None
-    t = jnp.tanh(raw / cap)  # [tq, tk]
-    return cap * t, t
+    t = None
+    if cap is not None:
+        t = jnp.tanh(raw / cap)  # [tq, tk]
+        raw = cap * t
+    nan_q, nan_k = _finite.nan_at(q_bad, raw.dtype), _finite.nan_at(k_bad, raw.dtype)  # [tq], [tk]
+    return raw + nan_q[:, None] + nan_k[None, :], t
 
 
 def _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile):
@@ -65,7 +73,8 @@ def _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile):
 
 def tile_logits(q_blk, k_blk, bias_tile, mask_tile, structure_tile, scale: float, cap: float | None):
     """Logits ``soft_cap(q kᵀ · scale) + bias`` of one tile and its visibility (None = all)."""
-    scores, _ = _capped_scores(q_blk, k_blk, scale, cap)
+    (q_blk, q_bad), (k_blk, k_bad) = _finite.split(q_blk), _finite.split(k_blk)
+    scores, _ = _capped_scores(q_blk, k_blk, q_bad, k_bad, scale, cap)
     return _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile)
 
 
@@ -98,7 +107,9 @@ def forward_block(carry: Carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, struc
     p = jnp.exp(logits - m_safe[:, None])  # [tq, tk]; exactly 0 where hidden
     alpha = jnp.exp(m - m_safe)  # [tq]; 0 while m is still -inf
     l = alpha * l + jnp.sum(p, axis=-1)
+    v_blk, v_bad = _finite.split(v_blk)  # a hidden non-finite value must not meet its weight 0
     acc = alpha[:, None] * acc + jnp.einsum("qk,kd->qd", p, v_blk)  # [tq, d_v]
+    acc = acc + _finite.nan_at(_finite.rows_seeing(v_bad, visible, p.shape[0]), acc.dtype)[:, None]
     return m_new, l, acc
 
 
@@ -115,7 +126,9 @@ def finalize(carry: Carry) -> tuple[jax.Array, jax.Array]:
 def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, mask_tile,
                    structure_tile, scale: float, cap: float | None):
     """FlashAttention-2 backward of one tile: P = exp(logits - lse), dS = P ∘ (dP - delta)."""
-    scores, t = _capped_scores(q_blk, k_blk, scale, cap)
+    (q_blk, q_bad), (k_blk, k_bad) = _finite.split(q_blk), _finite.split(k_blk)
+    v_blk, _ = _finite.split(v_blk)
+    scores, t = _capped_scores(q_blk, k_blk, q_bad, k_bad, scale, cap)
     logits, visible = _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile)
     # A row with lse = -inf saw no key: subtracting +inf makes its P exactly 0.
     lse_safe = jnp.where(lse_blk == -jnp.inf, jnp.inf, lse_blk)  # [tq]; a NaN lse stays NaN
@@ -126,6 +139,8 @@ def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, m
     dv = jnp.einsum("qk,qd->kd", p, do_blk)  # [tk, d_v]
     dp = jnp.einsum("qd,kd->qk", do_blk, v_blk)  # [tq, tk]
     ds = p * (dp - delta_blk[:, None])  # [tq, tk]: gradient of the logits
+    if visible is not None:
+        ds = jnp.where(visible, ds, 0.0)  # a NaN delta (the row saw a NaN) stays off hidden keys
     dbias = None if bias_tile is None else ds
     d_raw = ds * scale if t is None else ds * (scale * (1.0 - t * t))  # through soft cap and scale
     dq = jnp.einsum("qk,kd->qd", d_raw, k_blk)  # [tq, d_k]

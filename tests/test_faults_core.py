@@ -139,23 +139,6 @@ def test_nan_logsumexp_residual_and_weights():
     assert np.isnan(np.asarray(w)[0, 0, 1]).all() and np.isnan(np.asarray(w)).sum() == S
 
 
-def test_module_propagates_nan_identically_on_xla_and_chunked():
-    from flax import nnx
-
-    x = np.random.default_rng(7).standard_normal((2, 9, 6)).astype(np.float32)
-    x[1, 4, 0] = np.nan  # one token of the second sequence
-    outs = {}
-    for impl in ("xla", "chunked"):
-        m = jattn.nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, decode=False,
-                                         implementation=impl, rngs=nnx.Rngs(0))
-        outs[impl] = np.asarray(m(x))
-    expected = np.zeros((2, 9), bool)
-    expected[1] = True  # every token of the second sequence sees the NaN token
-    for impl, out in outs.items():
-        np.testing.assert_array_equal(np.isnan(out).any(-1), expected, err_msg=impl)
-    np.testing.assert_allclose(outs["chunked"], outs["xla"], atol=1e-5)
-
-
 # ----------------------------------------------------------------------------------------
 # float64 accumulates in float64 on every path.
 # ----------------------------------------------------------------------------------------
@@ -462,3 +445,94 @@ def test_huge_local_window_on_ring():
     q, k, v = _inputs(19, s=T)
     got = _ring(q, k, v, is_causal=True, local_window_size=(2**31, 2**31))
     np.testing.assert_allclose(got, jattn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Siblings: a non-finite value, or inf anywhere, and garbage in hidden (padding) positions.
+# ----------------------------------------------------------------------------------------
+
+ALL_PATHS = {**PATHS, "chunked_4x3": dict(implementation="chunked", block_sizes=(4, 3))}
+
+
+def _garbage_in_padding(seed):
+    """Inputs with NaN/inf in every position hidden by the lengths, and the clean ones."""
+    q, k, v = _inputs(seed)
+    q_len, kv_len = np.array([4, 5]), np.array([5, 7])
+    dirty = [x.copy() for x in (q, k, v)]
+    dirty[0][0, 4] = np.nan  # query row 4 of batch 0 is past its length
+    dirty[1][0, 5:] = np.inf  # keys 5, 6 of batch 0 are past its length
+    dirty[2][0, 5] = np.nan
+    dirty[2][0, 6] = -np.inf
+    return (q, k, v), tuple(dirty), dict(query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_garbage_hidden_by_lengths_changes_nothing(path):
+    clean, dirty, lengths = _garbage_in_padding(30)
+    f = lambda q, k, v: jattn.dot_product_attention(q, k, v, **lengths, **ALL_PATHS[path])
+    np.testing.assert_array_equal(f(*dirty), f(*clean))
+    loss = lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+    for d, c in zip(jax.grad(loss, argnums=(0, 1, 2))(*dirty), jax.grad(loss, argnums=(0, 1, 2))(*clean)):
+        d, c = np.asarray(d), np.asarray(c)
+        assert np.isfinite(d).all()
+        # Hidden rows get zero gradients; elsewhere the gradients are the clean ones.
+        np.testing.assert_allclose(d, c, atol=1e-6)
+
+
+def test_garbage_hidden_by_lengths_changes_nothing_on_ring():
+    clean, dirty, lengths = _garbage_in_padding(31)
+    clean, dirty = ([x[:, :T] for x in xs] for xs in (clean, dirty))  # ring: S = T
+    lengths["key_value_seq_lengths"] = np.array([3, 5])
+    dirty[1][0, 3:], dirty[2][0, 3:] = np.nan, np.inf
+    np.testing.assert_array_equal(_ring(*dirty, **lengths), _ring(*clean, **lengths))
+    dq = jax.grad(lambda k: jnp.sum(_ring(dirty[0], k, dirty[2], **lengths)))(dirty[1])
+    assert np.isfinite(np.asarray(dq)).all()
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_value_poisons_exactly_the_rows_that_see_it(path, bad):
+    q, k, v = _inputs(32)
+    v[1, 4, 1, 2] = bad  # batch 1, key 4, kv head 1 (query heads 2, 3)
+    out = jattn.dot_product_attention(q, k, v, is_causal=True, **ALL_PATHS[path])
+    expected = np.zeros((B, T, N), bool)
+    expected[1, 4:, 2:] = True  # causal: only query 4 sees key 4
+    np.testing.assert_array_equal(_nan_rows(out), expected)
+    clean = jattn.dot_product_attention(q, k, np.nan_to_num(v, posinf=0.0), is_causal=True, **ALL_PATHS[path])
+    np.testing.assert_allclose(np.where(expected[..., None], 0, out), np.where(expected[..., None], 0, clean),
+                               atol=1e-6)
+
+
+def test_non_finite_value_on_ring_and_modules():
+    q, k, v = _inputs(33, s=T)
+    v[0, 2, 0, 1] = np.nan
+    expected = np.zeros((B, T, N), bool)
+    expected[0, 2:, :2] = True
+    np.testing.assert_array_equal(_nan_rows(_ring(q, k, v, is_causal=True)), expected)
+    from flax import nnx
+
+    x = np.random.default_rng(7).standard_normal((2, 9, 6)).astype(np.float32)
+    x[1, 4, 0] = np.nan  # one token: its query, key and value are NaN
+    outs = {}
+    for impl in ("xla", "chunked"):
+        m = jattn.nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, decode=False,
+                                         implementation=impl, rngs=nnx.Rngs(0))
+        outs[impl] = np.asarray(m(x, mask=jnp.tril(jnp.ones((9, 9), bool))))
+    expected = np.zeros((2, 9), bool)
+    expected[1, 4:] = True  # causal: tokens before the NaN token never see it
+    for impl, out in outs.items():
+        np.testing.assert_array_equal(np.isnan(out).any(-1), expected, err_msg=impl)
+    np.testing.assert_allclose(outs["chunked"], outs["xla"], atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_infinite_query_or_key_is_nan_not_masked(path):
+    q, k, v = _inputs(34)
+    q[0, 1, 0] = -np.inf  # every score of that row is +-inf: it used to look like a masked row (0)
+    k[1, 2, 1, 0] = np.inf
+    mask = np.ones((B, N, T, S), bool)
+    out = jattn.dot_product_attention(q, k, v, mask=mask, logits_soft_cap=5.0, **ALL_PATHS[path])
+    expected = np.zeros((B, T, N), bool)
+    expected[0, 1, 0] = True
+    expected[1, :, 2:] = True  # every query sees key 2; the soft cap must not bound the inf
+    np.testing.assert_array_equal(_nan_rows(out), expected)
