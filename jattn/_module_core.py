@@ -156,10 +156,11 @@ def attend(
             query = apply_rope(query, default if positions is None else positions, rope_base)
             key = apply_rope(key, default if kv_positions is None else kv_positions, rope_base)
         step = _kv_cache.step(cache, key, value, lengths, is_causal=is_causal)
+        plain_step = mask is None  # no caller mask: the split-K decode path below may apply
         mask = step.mask if mask is None else jnp.logical_and(step.mask, jnp.asarray(mask) != 0)
         key, value = step.cache.key, step.cache.value  # [*B, L, K, H]
         ok = step.ok
-        if (attention_fn is flax_attention_fn and is_causal and mask is None and lengths is None
+        if (attention_fn is flax_attention_fn and is_causal and plain_step and lengths is None
                 and dropout_rng is None and sow_into is None and implementation is None
                 and precision is None):
             # A plain causal decode step: the split-K path reads only each row's written slots

@@ -186,12 +186,22 @@ def test_bad_input():
             jattn.decode_attention(args.pop("query"), args.pop("key_cache"), args.pop("value_cache"), **args)
 
 
-def test_module_decode_fast_path_equals_general_path():
+def test_module_decode_fast_path_equals_general_path(monkeypatch):
     """nnx.MultiHeadAttention's plain causal decode steps go through decode_attention; a copy of
     the default attention_fn forces the general masked path. Same outputs, prefill and steps."""
     import functools
 
     from flax import nnx
+
+    from jattn import _module_core
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return jattn.decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(_module_core, "decode_attention", counted)
 
     from jattn.flax_attention_fn import flax_attention_fn
     from jattn.nnx import MultiHeadAttention
@@ -209,3 +219,4 @@ def test_module_decode_fast_path_equals_general_path():
         b = general(x[:, chunk], is_causal=True)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(fast.cache_index[...]), [9, 9])
+    assert len(calls) == 3, calls  # every fast-module step took the split-K path, no general one did
