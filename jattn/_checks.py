@@ -96,6 +96,39 @@ def concrete_number(name: str, x: Any, *, low: float | None = None, high: float 
     return value
 
 
+def qkv(query: Any, key: Any, value: Any, *, names: tuple[str, str, str] = ("query", "key", "value"),
+        layout: str = "[*B, T, N, H]", heads: str = "key/value heads") -> tuple:
+    """Checks query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, Hv] (one float dtype, N % K == 0).
+
+    Returns ``(batch_shape, T, N, H, S, K, Hv)``; errors name the arguments as ``names`` gives them.
+    """
+    qn, kn, vn = names
+    q_shape = rank(qn, query, tuple(range(3, 64)), layout)
+    k_shape = shape_of(kn, key)
+    v_shape = shape_of(vn, value)
+    for name, x in zip(names, (query, key, value)):
+        floating(name, x)
+    dts = {name: str(dtype_of(name, x)) for name, x in zip(names, (query, key, value))}
+    if len(set(dts.values())) != 1:
+        raise TypeError(f"{qn}, {kn}, {vn}: expected one dtype, got {dts}")
+    batch_shape = q_shape[:-3]
+    T, N, H = q_shape[-3:]
+    if len(k_shape) != len(q_shape) or k_shape[:-3] != batch_shape or k_shape[-1] != H:
+        raise ValueError(
+            f"{kn}: expected shape {batch_shape + ('S', 'K', H)} ([*B, S, K, H] matching "
+            f"{qn} {q_shape}), got {k_shape}"
+        )
+    S, K = k_shape[-3], k_shape[-2]
+    if len(v_shape) != len(k_shape) or v_shape[:-1] != k_shape[:-1]:
+        raise ValueError(
+            f"{vn}: expected shape {k_shape[:-1] + ('Hv',)} ([*B, S, K, Hv] matching {kn} "
+            f"{k_shape}), got {v_shape}"
+        )
+    if K == 0 or N % K:
+        raise ValueError(f"{qn}, {kn}: the number of query heads N={N} must be a multiple of the {heads} K={K}")
+    return batch_shape, T, N, H, S, K, v_shape[-1]
+
+
 def default_scale(head_dim: int) -> float:
     """``1/sqrt(head_dim)``; 1 for ``head_dim = 0`` (every score is then 0 whatever the scale)."""
     return 1.0 / head_dim**0.5 if head_dim else 1.0

@@ -271,37 +271,15 @@ def decode_attention(query, key_cache, value_cache, *, lengths, scale=None, logi
     Returns:
       ``[*B, Tq, N, Hv]`` in the dtype of ``query``.
     """
-    q_shape = _checks.rank("query", query, tuple(range(3, 64)), "[*B, Tq, N, H]")
-    k_shape = _checks.shape_of("key_cache", key_cache)
-    v_shape = _checks.shape_of("value_cache", value_cache)
-    for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        _checks.floating(name, x)
-    dts = {n: str(_checks.dtype_of(n, x)) for n, x in
-           (("query", query), ("key_cache", key_cache), ("value_cache", value_cache))}
-    if len(set(dts.values())) != 1:
-        raise TypeError(f"query, key_cache, value_cache: expected one dtype, got {dts}")
-    batch_shape = q_shape[:-3]
-    Tq, N, H = q_shape[-3:]
-    if len(k_shape) != len(q_shape) or k_shape[:-3] != batch_shape or k_shape[-1] != H:
-        raise ValueError(
-            f"key_cache: expected shape {batch_shape + ('S', 'K', H)} ([*B, S, K, H] matching "
-            f"query {q_shape}), got {k_shape}"
-        )
-    S, K = k_shape[-3:-1]
-    if len(v_shape) != len(k_shape) or v_shape[:-1] != k_shape[:-1]:
-        raise ValueError(
-            f"value_cache: expected shape {k_shape[:-1] + ('Hv',)} ([*B, S, K, Hv] matching "
-            f"key_cache {k_shape}), got {v_shape}"
-        )
-    if K == 0 or N % K:
-        raise ValueError(f"query, key_cache: the query heads N={N} must be a multiple of the kv heads K={K}")
+    batch_shape, Tq, N, H, S, K, Hv = _checks.qkv(
+        query, key_cache, value_cache, names=("query", "key_cache", "value_cache"),
+        layout="[*B, Tq, N, H]", heads="kv heads")
     if S == 0 or Tq == 0:
         raise ValueError(f"query, key_cache: expected Tq >= 1 and S >= 1, got Tq={Tq}, S={S}")
     scale, cap, left = check_common(scale, logits_soft_cap, local_window_size, H)
     lengths = check_lengths(lengths, batch_shape, S)
-    Hv = v_shape[-1]
     if num_splits is None:
-        c = default_split_size(S, K, H, Hv, jnp.dtype(dts["query"]).itemsize)
+        c = default_split_size(S, K, H, Hv, jnp.dtype(_checks.dtype_of("query", query)).itemsize)
     else:
         if not isinstance(num_splits, (int, np.integer)) or isinstance(num_splits, bool) or num_splits < 1:
             raise ValueError(f"num_splits: expected a positive int, got {num_splits!r}")

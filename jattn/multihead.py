@@ -233,32 +233,7 @@ def dot_product_attention(
     """
     from jattn import dispatch  # late import: dispatch registers the implementations
 
-    q_shape = _checks.rank("query", query, tuple(range(3, 64)), "[*B, T, N, H]")
-    k_shape = _checks.shape_of("key", key)
-    v_shape = _checks.shape_of("value", value)
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        _checks.floating(name, x)
-    dts = {n: _checks.dtype_of(n, x) for n, x in (("query", query), ("key", key), ("value", value))}
-    if len(set(dts.values())) != 1:
-        raise TypeError(f"query, key, value: expected one dtype, got {dts}")
-    batch_shape = q_shape[:-3]
-    T, N, H = q_shape[-3:]
-    if len(k_shape) != len(q_shape) or k_shape[:-3] != batch_shape or k_shape[-1] != H:
-        raise ValueError(
-            f"key: expected shape {batch_shape + ('S', 'K', H)} ([*B, S, K, H] matching "
-            f"query {q_shape}), got {k_shape}"
-        )
-    S, K = k_shape[-3], k_shape[-2]
-    if len(v_shape) != len(k_shape) or v_shape[:-1] != k_shape[:-1]:
-        raise ValueError(
-            f"value: expected shape {k_shape[:-1] + ('Hv',)} ([*B, S, K, Hv] matching key "
-            f"{k_shape}), got {v_shape}"
-        )
-    if K == 0 or N % K:
-        raise ValueError(
-            f"query, key: the number of query heads N={N} must be a multiple of the key/value "
-            f"heads K={K}"
-        )
+    batch_shape, T, N, H, S, K, Hv = _checks.qkv(query, key, value)
     if mask is not None:
         _checks.boolean("mask", mask)
     if bias is not None:
@@ -296,7 +271,7 @@ def dot_product_attention(
     arrays = Arrays(
         query=jnp.reshape(query, (B, T, K, N // K, H)),
         key=jnp.reshape(key, (B, S, K, H)),
-        value=jnp.reshape(value, (B, S, K, v_shape[-1])),
+        value=jnp.reshape(value, (B, S, K, Hv)),
         mask=mask5, bias=bias5, keep=None,
         q_lengths=q_lengths, kv_lengths=kv_lengths, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
     )
@@ -322,7 +297,7 @@ def dot_product_attention(
             f"forward-mode (jax.jvp, jax.jacfwd, jax.hessian); pass implementation='xla' for "
             f"forward-mode derivatives"
         ) from e
-    out = jnp.reshape(out, batch_shape + (T, N, v_shape[-1]))  # [*B, T, N, Hv]
+    out = jnp.reshape(out, batch_shape + (T, N, Hv))  # [*B, T, N, Hv]
     extras = []
     if return_residual:
         extras.append(jax.lax.stop_gradient(jnp.reshape(lse, batch_shape + (T, N))))  # [*B, T, N]

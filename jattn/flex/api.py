@@ -39,33 +39,10 @@ def default_block_size(T: int, S: int) -> tuple[int, int]:
 
 def _check_inputs(query, key, value):
     """Shapes/dtypes of q, k, v; returns (batch_shape, T, N, H, S, K, Hv)."""
-    q_shape = _checks.rank("query", query, tuple(range(3, 64)), "[*B, T, N, H]")
-    k_shape = _checks.shape_of("key", key)
-    v_shape = _checks.shape_of("value", value)
-    dts = {}
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        _checks.floating(name, x)
-        dts[name] = _checks.dtype_of(name, x)
-    if len(set(dts.values())) != 1:
-        raise TypeError(f"query, key, value: expected one dtype, got {dts}")
-    batch_shape = q_shape[:-3]
-    T, N, H = q_shape[-3:]
-    if len(k_shape) != len(q_shape) or k_shape[:-3] != batch_shape or k_shape[-1] != H:
-        raise ValueError(
-            f"key: expected shape {batch_shape + ('S', 'K', H)} ([*B, S, K, H] matching "
-            f"query {q_shape}), got {k_shape}"
-        )
-    S, K = k_shape[-3], k_shape[-2]
-    if len(v_shape) != len(k_shape) or v_shape[:-1] != k_shape[:-1]:
-        raise ValueError(
-            f"value: expected shape {k_shape[:-1] + ('Hv',)} ([*B, S, K, Hv] matching key "
-            f"{k_shape}), got {v_shape}"
-        )
-    if K == 0 or N % K:
-        raise ValueError(f"query, key: the number of query heads N={N} must be a multiple of the kv heads K={K}")
+    batch_shape, T, N, H, S, K, Hv = _checks.qkv(query, key, value, heads="kv heads")
     if T == 0 or S == 0:
         raise ValueError(f"query, key: expected T >= 1 and S >= 1, got T={T}, S={S}")
-    return batch_shape, T, N, H, S, K, v_shape[-1]
+    return batch_shape, T, N, H, S, K, Hv
 
 
 def _check_block_mask(bm, B: int, N: int, T: int, S: int):
