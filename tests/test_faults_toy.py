@@ -408,6 +408,44 @@ def test_unverified_checkpoint_never_rotates_out_the_last_good_one(tmp_path, mon
         ckpt.close()
 
 
+FULL_DISK_DURING_SAVE = """
+import resource, signal, sys
+import jax.numpy as jnp
+from jattn.toy import checkpoint
+from jattn.toy.errors import TrainerError
+
+ckpt = checkpoint.Checkpointer(sys.argv[1], max_to_keep=2)
+ckpt.save(1, {"w": jnp.arange(5.0)})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+try:
+    ckpt.save(2, {"w": jnp.arange(100_000.0)})  # 800 kB: orbax's data file cannot be written
+except TrainerError as e:
+    print(e, flush=True)
+"""
+
+
+def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_older_ones(tmp_path, env):
+    directory = tmp_path / "checkpoints"
+    proc = _reap(subprocess.Popen([sys.executable, "-c", FULL_DISK_DURING_SAVE, str(directory)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), 120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    message = proc.stdout.strip()
+    assert message.startswith(f"could not write checkpoint {directory / '2'} "), message
+    assert "File too large" in message and "the older checkpoints are intact" in message, message
+    assert sorted(p.name for p in directory.iterdir()) == ["1"]  # no half-written step 2 left
+    from jattn.toy import checkpoint
+    import jax.numpy as jnp
+
+    ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=2)
+    try:
+        step, state = ckpt.restore_latest(like={"w": jnp.zeros(5)})
+    finally:
+        ckpt.close()
+    assert step == 1
+    np.testing.assert_array_equal(state["w"], np.arange(5.0))
+
+
 def test_full_disk_while_logging_is_a_clear_error(tmp_path, monkeypatch):
     import errno
 

@@ -77,6 +77,13 @@ def _non_finite_leaves(state) -> list[str]:
     return [jax.tree_util.keystr(p) for p, x in leaves if not np.all(np.isfinite(np.asarray(x)))]
 
 
+def _first_line(error: Exception) -> str:
+    """The first line of ``error``'s message; if long, its start and its end (the OS's cause)."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if len(line) <= 300 else f"{line[:100]} ... {line[-200:]}"
+
+
 def _write_atomically(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -151,11 +158,19 @@ class Checkpointer:
             raise TrainerError(f"refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}")
         arrays = _array_digests(state)
         with _signals_deferred():
-            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            self._manager.wait_until_finished()
             step_dir = self._step_dir(step)
-            manifest = {"step": step, "files": _file_digests(step_dir), "arrays": arrays}
-            _write_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            try:
+                self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                self._manager.wait_until_finished()
+                manifest = {"step": step, "files": _file_digests(step_dir), "arrays": arrays}
+                _write_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            except Exception as e:  # orbax/tensorstore errors have no common base class
+                self._remove_unfinished(step)
+                raise TrainerError(
+                    f"could not write checkpoint {step_dir} ({type(e).__name__}: {_first_line(e)}); it was "
+                    "removed and the older checkpoints are intact. Free disk space (or fix the "
+                    "directory's permissions) and run again to resume"
+                ) from None
             try:
                 self.restore(step, like=state)
             except DamagedCheckpoint as e:
@@ -164,6 +179,12 @@ class Checkpointer:
                     "were kept. Is the disk failing? Check it, then run again to resume"
                 ) from None
             self._prune()
+
+    def _remove_unfinished(self, step: int) -> None:
+        """Delete what a failed save of ``step`` left: its directory and orbax's temporary ones."""
+        for path in [self._step_dir(step), *self._directory.glob(f"{step}.orbax-checkpoint-tmp*")]:
+            shutil.rmtree(path, ignore_errors=True)
+        self._manager.reload()
 
     def _prune(self) -> None:
         """Delete all but the newest ``max_to_keep`` checkpoints (each renamed away first)."""
@@ -210,7 +231,7 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore errors have no common base class
             raise TrainerError(
                 f"checkpoint {self._step_dir(step)} is intact but does not fit this model "
-                f"({type(e).__name__}: {str(e)[:300]}); was it written by another version of the "
+                f"({type(e).__name__}: {_first_line(e)}); was it written by another version of the "
                 "trainer? Use a fresh --workdir"
             ) from e
         if _array_digests(state) != arrays:
