@@ -58,22 +58,6 @@ def test_cudnn_on_cpu_is_a_clear_error():
         jattn.dot_product_attention(x, x, x, implementation="cudnn")
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """Pretend to be on an NVIDIA GPU; jax.nn's cuDNN call runs its XLA path instead and
-    records that it was asked for cuDNN (returns the list of requested implementations)."""
-    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
-    real = jax.nn.dot_product_attention
-    calls = []
-
-    def fake(*args, implementation, **kwargs):
-        calls.append(implementation)
-        return real(*args, implementation="xla", **kwargs)
-
-    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
-    return calls
-
-
 def test_auto_picks_cudnn_when_every_constraint_holds(fake_gpu):
     choice = jattn.explain_implementation(*_shapes(1024, dtype=jnp.bfloat16), is_causal=True)
     assert choice.implementation == "cudnn"

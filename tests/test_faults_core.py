@@ -286,24 +286,8 @@ def test_multi_device_ring_float64_and_nan():
 
 
 # ----------------------------------------------------------------------------------------
-# The GPU path keeps jattn's semantics (a faked GPU: jax.nn's cuDNN call runs its XLA path).
+# The GPU path keeps jattn's semantics (conftest's fake_gpu: jax.nn's cuDNN call runs its XLA path).
 # ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    from jattn import dispatch
-
-    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
-    real = jax.nn.dot_product_attention
-    calls = []
-
-    def fake(*args, implementation, **kwargs):
-        calls.append(implementation)
-        return real(*args, implementation="xla", **kwargs)
-
-    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
-    return calls
 
 
 def _bf16_inputs(seed, t=16, s=24):
