@@ -1,22 +1,31 @@
-"""Benchmark ``jattn.flex_attention`` (programmable masks/scores) against the built-in paths and jax.nn.
+"""Benchmark ``jattn.flex_attention`` and jattn's default path against the built-in paths and peers.
 
 Shape glossary: B batch (1), T query length (= S), N heads (8), H head dim (64).
 
-Cases (CPU, fp32, jitted; every ratio compares two calls timed in the same run, in
-interleaved rounds, minimum over rounds):
+Every timing is CPU, fp32, jitted (torch: eager), forward and forward+backward (gradients of
+q, k, v). Every ratio compares calls timed in the same run, in interleaved rounds (each round
+calls every contender once, in turn), minimum over rounds; a call slower than ``--slow`` seconds
+is timed in one round only. Peers are optional (``pip install -e '.[bench]'``): a missing one
+is skipped with the reason printed.
 
-- ``documents``: T=8192, 16 equal documents, causal inside each: flex (block 128) vs
-  ``jax.nn.dot_product_attention`` with the equivalent dense boolean mask, fwd and fwd+bwd;
-  plus the time per visited score entry against the built-in non-causal ``'chunked'`` at T=4096.
-- ``causal``: ``mask_mod=causal`` vs ``dot_product_attention(is_causal=True,
-  implementation='chunked')`` at T=4096 (same (512, 256) blocks).
-- ``alibi``: ALiBi ``score_mod`` vs no mod at T=4096 (non-causal).
+- ``speed``: no mask, T = 512 .. 8192: jattn's default (``dot_product_attention``), ``flex_attention``
+  without mods, ``jax.nn.dot_product_attention`` (xla), torch's ``scaled_dot_product_attention``
+  (its CPU flash kernel), tokamax's ``flex_attention`` (xla backend), and one square XLA matmul
+  with the same FLOP count. Each row prints every contender's fraction of that matmul's FLOP
+  rate (forward 4·N·T²·H FLOPs, forward+backward 3.5× that) and jattn's time over torch's.
+- ``documents``: T=8192, 16 equal documents, causal inside each: flex (block 128) vs jax.nn with
+  the equivalent dense boolean mask and tokamax with the same mask_mod; plus the time per
+  visited tile against the built-in non-causal ``'chunked'`` at T=4096 (same tiles, no mask).
+- ``causal``: ``mask_mod=causal`` vs ``dot_product_attention(is_causal=True, implementation='chunked')``
+  at T=4096, same tiles; torch (is_causal) and tokamax (causal mask_mod) columns.
+- ``alibi``: ALiBi ``score_mod`` vs no mod at T=4096 (non-causal); tokamax with the same score_mod.
 - ``window``: sliding window 256 (causal) at T=16384 and 32768: time and compiled temp memory.
 - ``memory``: compiled fwd+bwd temp memory with the document mask at T=16384 (compile only).
 - ``create_block_mask``: T=S=65536, block 128, document mask: time and compiled temp memory.
 
 Writes ``benchmarks/results/flex_cpu.json`` (``--memory-only``: compile-only temp memory of the
-window, document and create_block_mask cases, no timing, into ``flex_cpu_memory.json``). ``--quick`` shrinks every T by 4, ``--smoke`` by 16.
+window, document and create_block_mask cases, no timing, into ``flex_cpu_memory.json``).
+``--quick`` shrinks every T by 4, ``--smoke`` by 16; ``--cases`` runs a subset.
 
     flock /tmp/jattn-bench.lock timeout 3000 python benchmarks/bench_flex.py
 """
@@ -31,12 +40,96 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jattn
 from jattn.flex import mods
+from jattn.flex.api import default_block_size
 
 N, H = 8, 64
 MiB = 2**20
+CASES = ("speed", "documents", "causal", "alibi", "window", "memory", "create_block_mask")
+SKIPPED: dict[str, str] = {}  # peer -> why it is not measured
+
+
+# ----------------------------------------------------------------------------------------
+# Peers (optional).
+# ----------------------------------------------------------------------------------------
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        SKIPPED["torch"] = f"not installed ({e}); pip install -e '.[bench]'"
+        return None
+    return torch
+
+
+def _tokamax_flex():
+    """tokamax's flex_attention, xla backend (its only CPU one), or None.
+
+    Not ``tokamax._src.ops.flex_attention.api.IMPLEMENTATIONS['xla']``: importing that module
+    fails in tokamax 0.0.12 (it registers a non-existent Triton class); its 'xla' entry is
+    ``base.FlexAttention()``.
+    """
+    try:
+        from absl import flags
+        from tokamax._src.ops.flex_attention import base
+    except ImportError as e:
+        SKIPPED["tokamax"] = f"not installed ({e}); pip install -e '.[bench]'"
+        return None
+    if not flags.FLAGS.is_parsed():  # tokamax reads absl flags, which would parse this script's argv
+        flags.FLAGS.mark_as_parsed()
+    return base.FlexAttention()
+
+
+def _tokamax(score=None, mask=None):
+    """fn(q, k, v) with tokamax's flex_attention; ``score(s, q_idx, kv_idx, h)`` and ``mask(q_idx, kv_idx)``
+    are written on broadcasting index grids (tokamax passes the whole [B, N, T, S] logits, unscaled)."""
+    flex = _tokamax_flex()
+    if flex is None:
+        return None
+    scale = 1.0 / H**0.5
+
+    def fn(q, k, v):
+        T, S = q.shape[1], k.shape[1]
+        q_idx = jnp.arange(T)[:, None]  # [T, 1]
+        kv_idx = jnp.arange(S)[None, :]  # [1, S]
+        h = jnp.arange(N)[:, None, None]  # [N, 1, 1]
+
+        def score_mod(s):  # [B, N, T, S]
+            s = s * scale
+            return s if score is None else score(s, q_idx, kv_idx, h)
+
+        mask_mod = None if mask is None else (lambda shape: mask(q_idx, kv_idx))
+        return flex(q, k, v, score_mod=score_mod, mask_mod=mask_mod)
+
+    return fn
+
+
+class _TorchSDPA:
+    """torch's scaled_dot_product_attention on the same inputs ([B, T, N, H] -> its [B, N, T, H])."""
+
+    def __init__(self, torch, q, k, v, is_causal=False):
+        self.torch, self.is_causal = torch, is_causal
+        self.args = [torch.tensor(np.asarray(x)).permute(0, 2, 1, 3).contiguous() for x in (q, k, v)]
+        self.w = torch.cos(torch.arange(self.args[0].numel(), dtype=torch.float32)).reshape(self.args[0].shape)
+
+    def fwd(self):
+        with self.torch.no_grad():
+            return self.torch.nn.functional.scaled_dot_product_attention(*self.args, is_causal=self.is_causal)
+
+    def fwd_bwd(self):
+        args = [a.detach().requires_grad_(True) for a in self.args]
+        out = self.torch.nn.functional.scaled_dot_product_attention(*args, is_causal=self.is_causal)
+        (out * self.w).sum().backward()
+        return [a.grad for a in args]
+
+
+# ----------------------------------------------------------------------------------------
+# Timing.
+# ----------------------------------------------------------------------------------------
 
 
 def _inputs(T, seed=0):
@@ -45,7 +138,7 @@ def _inputs(T, seed=0):
 
 
 def _fwd_bwd(f):
-    """jit of the q, k, v gradients of sum(f(q, k, v) * w) with a fixed random cotangent."""
+    """jit of the q, k, v gradients of sum(f(q, k, v) * w) with a fixed cotangent w."""
     def loss(q, k, v):
         out = f(q, k, v)
         return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=out.dtype).reshape(out.shape)))
@@ -53,21 +146,89 @@ def _fwd_bwd(f):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def _time_rounds(fns: dict, args, rounds: int) -> dict:
-    """Compile every fn, then ``rounds`` interleaved rounds; minimum seconds per fn."""
-    for f in fns.values():
-        jax.block_until_ready(f(*args))
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, f in fns.items():
-            start = time.perf_counter()
+def _time_rounds(fns: dict, args, rounds: int, slow: float) -> dict:
+    """Run every fn once (compile), then ``rounds`` interleaved rounds; minimum seconds per fn.
+
+    ``fns`` maps a name to a callable of ``args`` (jax) or of nothing (torch: a zero-arg
+    callable, marked by a ``'torch'`` name prefix). A fn whose first timed call takes more than
+    ``slow`` seconds is not repeated.
+    """
+    def once(name, f):
+        start = time.perf_counter()
+        if name.startswith("torch"):
+            f()  # eager: done when it returns
+        else:
             jax.block_until_ready(f(*args))
-            best[name] = min(best[name], time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    for name, f in fns.items():
+        once(name, f)  # compile / warm up
+    best = {name: once(name, f) for name, f in fns.items()}
+    for _ in range(rounds - 1):
+        for name, f in fns.items():
+            if best[name] <= slow:
+                best[name] = min(best[name], once(name, f))
     return best
+
+
+def _matmul_fns(flops: float) -> tuple:
+    """(jitted square matmul with about ``flops`` FLOPs, its inputs, its exact FLOPs)."""
+    n = max(64, int(round((flops / 2) ** (1 / 3))))
+    a = jnp.ones((n, n), jnp.float32)
+    return jax.jit(lambda x, y: x @ y), (a, a), 2.0 * n**3
+
+
+def _timed_with_matmul(fns: dict, args, flops: float, rounds: int, slow: float) -> tuple[dict, float]:
+    """Times of ``fns`` plus the same-run matmul GFLOP/s for ``flops`` (the matmul joins the rounds)."""
+    mm, mm_args, mm_flops = _matmul_fns(flops)
+    times = _time_rounds({**fns, "matmul": lambda *_: mm(*mm_args)}, args, rounds, slow)
+    rate = mm_flops / times.pop("matmul") / 1e9
+    return times, rate
 
 
 def _temp_mib(f, *args) -> float:
     return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes / MiB
+
+
+def _ms(d: dict) -> dict:
+    return {k: v * 1e3 for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Cases.
+# ----------------------------------------------------------------------------------------
+
+
+def speed(Ts, rounds, slow, max_dense, log):
+    torch = _torch()
+    for T in Ts:
+        q, k, v = _inputs(T)
+        fwd_flops = 4.0 * N * T * T * H
+        contenders = {
+            "jattn": lambda q, k, v: jattn.dot_product_attention(q, k, v),
+            "flex": lambda q, k, v: jattn.flex_attention(q, k, v),
+        }
+        if T <= max_dense:
+            contenders["jax.nn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+            tok = _tokamax()
+            if tok is not None:
+                contenders["tokamax"] = tok
+        row = dict(case="speed", T=T, jattn_picks=jattn.explain_implementation(q, k, v).implementation,
+                   dense_skipped=None if T <= max_dense else f"T > --max-dense {max_dense} ([N, T, T] logits)")
+        for mode, mult in (("fwd", 1.0), ("fwd_bwd", 3.5)):
+            fns = {name: (jax.jit(f) if mode == "fwd" else _fwd_bwd(f)) for name, f in contenders.items()}
+            if torch is not None:
+                sdpa = _TorchSDPA(torch, q, k, v)
+                fns["torch"] = sdpa.fwd if mode == "fwd" else sdpa.fwd_bwd
+            times, rate = _timed_with_matmul(fns, (q, k, v), mult * fwd_flops, rounds, slow)
+            row[f"matmul_gflops_{mode}"] = rate
+            for name, t in times.items():
+                row[f"{name}_{mode}_ms"] = t * 1e3
+                row[f"{name}_{mode}_frac_matmul"] = mult * fwd_flops / t / 1e9 / rate
+            if "torch" in times:
+                row[f"jattn_over_torch_{mode}"] = times["jattn"] / times["torch"]
+                row[f"flex_over_torch_{mode}"] = times["flex"] / times["torch"]
+        log(row)
 
 
 def _doc_ids(T, docs):
@@ -78,76 +239,99 @@ def _doc_mask_mod(T, docs):
     return mods.and_masks(mods.document(_doc_ids(T, docs)), mods.causal)
 
 
-def documents(T, rounds, log):
+def documents(T, rounds, slow, log):
     q, k, v = _inputs(T)
-    docs = 16
+    docs, block = 16, 128
     mask_mod = _doc_mask_mod(T, docs)
-    bm = jattn.create_block_mask(mask_mod, None, None, T, T, block_size=128)
+    bm = jattn.create_block_mask(mask_mod, None, None, T, T, block_size=block)
     visited = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
     ids = _doc_ids(T, docs)
     dense = ((ids[:, None] == ids[None, :]) & jnp.tril(jnp.ones((T, T), bool)))[None, None]  # [1, 1, T, T]
-    flex = lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=bm)
-    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="xla")
-    fwd = _time_rounds({"flex": jax.jit(flex), "jax.nn": jax.jit(ref)}, (q, k, v), rounds)
-    bwd = _time_rounds({"flex": _fwd_bwd(flex), "jax.nn": _fwd_bwd(ref)}, (q, k, v), max(1, rounds - 1))
-    # Time per visited score entry against the built-in non-causal 'chunked' at T/2.
+    contenders = {
+        "flex": lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=bm),
+        "jax.nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="xla"),
+    }
+    tok = _tokamax(mask=lambda qi, ki: (ids[qi] == ids[ki]) & (ki <= qi))
+    if tok is not None:
+        contenders["tokamax"] = tok
+    fwd = _ms(_time_rounds({n: jax.jit(f) for n, f in contenders.items()}, (q, k, v), rounds, slow))
+    bwd = _ms(_time_rounds({n: _fwd_bwd(f) for n, f in contenders.items()}, (q, k, v), rounds, slow))
+    # Time per visited tile against the built-in non-causal 'chunked' at T/2 with the same tiles.
     Tc = T // 2
     qc, kc, vc = _inputs(Tc)
-    full = lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="chunked")
-    per = _time_rounds({"chunked": jax.jit(full), "chunked_bwd": _fwd_bwd(full)}, (qc, kc, vc), rounds)
-    flex_entries = visited * 128 * 128
-    row = dict(
-        case="documents", T=T, docs=docs, block=128, visited_tiles=visited, total_tiles=(T // 128) ** 2,
-        fwd_ms=fwd["flex"] * 1e3, jax_nn_fwd_ms=fwd["jax.nn"] * 1e3, fwd_speedup=fwd["jax.nn"] / fwd["flex"],
-        fwd_bwd_ms=bwd["flex"] * 1e3, jax_nn_fwd_bwd_ms=bwd["jax.nn"] * 1e3,
-        fwd_bwd_speedup=bwd["jax.nn"] / bwd["flex"],
-        ns_per_entry_fwd=fwd["flex"] / flex_entries * 1e9,
-        chunked_ns_per_entry_fwd=per["chunked"] / Tc**2 * 1e9,
-        ns_per_entry_fwd_bwd=bwd["flex"] / flex_entries * 1e9,
-        chunked_ns_per_entry_fwd_bwd=per["chunked_bwd"] / Tc**2 * 1e9,
-    )
-    row["per_entry_ratio_fwd"] = row["ns_per_entry_fwd"] / row["chunked_ns_per_entry_fwd"]
-    row["per_entry_ratio_fwd_bwd"] = row["ns_per_entry_fwd_bwd"] / row["chunked_ns_per_entry_fwd_bwd"]
+    full = lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="chunked", block_sizes=(block, block))
+    per = _ms(_time_rounds({"chunked": jax.jit(full), "chunked_bwd": _fwd_bwd(full)}, (qc, kc, vc), rounds, slow))
+    tiles_c = (Tc // block) ** 2
+    row = dict(case="documents", T=T, docs=docs, block=block, visited_tiles=visited, total_tiles=(T // block) ** 2,
+               fwd_ms=fwd["flex"], fwd_bwd_ms=bwd["flex"],
+               us_per_tile_fwd=fwd["flex"] / visited * 1e3, us_per_tile_fwd_bwd=bwd["flex"] / visited * 1e3,
+               chunked_T=Tc, chunked_us_per_tile_fwd=per["chunked"] / tiles_c * 1e3,
+               chunked_us_per_tile_fwd_bwd=per["chunked_bwd"] / tiles_c * 1e3)
+    for name in contenders:
+        if name != "flex":
+            row.update({f"{name}_fwd_ms": fwd[name], f"{name}_fwd_bwd_ms": bwd[name],
+                        f"{name}_fwd_speedup": fwd[name] / fwd["flex"], f"{name}_fwd_bwd_speedup": bwd[name] / bwd["flex"]})
+    row["per_tile_ratio_fwd"] = row["us_per_tile_fwd"] / row["chunked_us_per_tile_fwd"]
+    row["per_tile_ratio_fwd_bwd"] = row["us_per_tile_fwd_bwd"] / row["chunked_us_per_tile_fwd_bwd"]
     log(row)
 
 
-def causal(T, rounds, log):
-    q, k, v = _inputs(T)
-    bm = jattn.create_block_mask(mods.causal, None, None, T, T, block_size=(512, 256))
-    flex = lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=bm)
-    builtin = lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=True, implementation="chunked")
-    fwd = _time_rounds({"flex": jax.jit(flex), "builtin": jax.jit(builtin)}, (q, k, v), rounds)
-    bwd = _time_rounds({"flex": _fwd_bwd(flex), "builtin": _fwd_bwd(builtin)}, (q, k, v), rounds)
-    log(dict(case="causal", T=T, block=[512, 256], fwd_ms=fwd["flex"] * 1e3, builtin_fwd_ms=fwd["builtin"] * 1e3,
-             fwd_ratio=fwd["flex"] / fwd["builtin"], fwd_bwd_ms=bwd["flex"] * 1e3,
-             builtin_fwd_bwd_ms=bwd["builtin"] * 1e3, fwd_bwd_ratio=bwd["flex"] / bwd["builtin"]))
+def _versus(case, T, contenders: dict, base: str, flops: float, rounds, slow, torch_sdpa=None, **extra):
+    """Row comparing ``contenders`` (``'mod'`` first) with ``base``; matmul fraction for every entry."""
+    row = dict(case=case, T=T, **extra)
+    for mode, mult in (("fwd", 1.0), ("fwd_bwd", 3.5)):
+        fns = {n: (jax.jit(f) if mode == "fwd" else _fwd_bwd(f)) for n, f in contenders.items()}
+        if torch_sdpa is not None:
+            fns["torch"] = torch_sdpa.fwd if mode == "fwd" else torch_sdpa.fwd_bwd
+        times, rate = _timed_with_matmul(fns, _inputs(T), mult * flops, rounds, slow)
+        row[f"matmul_gflops_{mode}"] = rate
+        for name, t in times.items():
+            row[f"{name}_{mode}_ms"] = t * 1e3
+            row[f"{name}_{mode}_frac_matmul"] = mult * flops / t / 1e9 / rate
+        row[f"{mode}_ratio"] = times["mod"] / times[base]
+    return row
 
 
-def alibi(T, rounds, log):
-    q, k, v = _inputs(T)
-    bm = jattn.create_block_mask(None, None, None, T, T, block_size=(512, 256))
+def causal(T, rounds, slow, log):
+    bm = jattn.create_block_mask(mods.causal, None, None, T, T, block_size=default_block_size(T, T))
+    contenders = {
+        "mod": lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=bm),
+        "builtin": lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=True, implementation="chunked"),
+    }
+    tok = _tokamax(mask=lambda qi, ki: ki <= qi)
+    if tok is not None:
+        contenders["tokamax"] = tok
+    torch = _torch()
+    sdpa = None if torch is None else _TorchSDPA(torch, *_inputs(T), is_causal=True)
+    log(_versus("causal", T, contenders, "builtin", 2.0 * N * T * T * H, rounds, slow, sdpa,
+                block=list(bm.block_size)))
+
+
+def alibi(T, rounds, slow, log):
+    bm = jattn.create_block_mask(None, None, None, T, T, block_size=default_block_size(T, T))
     slopes = mods.alibi_slopes(N)
-    with_mod = lambda q, k, v: jattn.flex_attention(q, k, v, score_mod=mods.alibi(slopes), block_mask=bm)
-    no_mod = lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=bm)
-    fwd = _time_rounds({"alibi": jax.jit(with_mod), "none": jax.jit(no_mod)}, (q, k, v), rounds)
-    bwd = _time_rounds({"alibi": _fwd_bwd(with_mod), "none": _fwd_bwd(no_mod)}, (q, k, v), rounds)
-    log(dict(case="alibi", T=T, block=[512, 256], fwd_ms=fwd["alibi"] * 1e3, no_mod_fwd_ms=fwd["none"] * 1e3,
-             fwd_ratio=fwd["alibi"] / fwd["none"], fwd_bwd_ms=bwd["alibi"] * 1e3,
-             no_mod_fwd_bwd_ms=bwd["none"] * 1e3, fwd_bwd_ratio=bwd["alibi"] / bwd["none"]))
+    contenders = {
+        "mod": lambda q, k, v: jattn.flex_attention(q, k, v, score_mod=mods.alibi(slopes), block_mask=bm),
+        "none": lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=bm),
+    }
+    tok = _tokamax(score=lambda s, qi, ki, h: s + slopes[h] * (ki - qi).astype(s.dtype))
+    if tok is not None:
+        contenders["tokamax"] = tok
+    log(_versus("alibi", T, contenders, "none", 4.0 * N * T * T * H, rounds, slow, block=list(bm.block_size)))
 
 
-def window(Ts, rounds, log):
+def window(Ts, rounds, slow, log):
     mask_mod = mods.sliding_window(256)
     rows = []
     for T in Ts:
         q, k, v = _inputs(T)
         bm = jattn.create_block_mask(mask_mod, None, None, T, T, block_size=128)
         flex = lambda q, k, v, bm=bm: jattn.flex_attention(q, k, v, block_mask=bm)
-        fwd = _time_rounds({"flex": jax.jit(flex)}, (q, k, v), rounds)["flex"]
-        bwd = _time_rounds({"flex": _fwd_bwd(flex)}, (q, k, v), rounds)["flex"]
+        fwd = _time_rounds({"flex": jax.jit(flex)}, (q, k, v), rounds, slow)["flex"]
+        bwd = _time_rounds({"flex": _fwd_bwd(flex)}, (q, k, v), rounds, slow)["flex"]
         temp = _temp_mib(_fwd_bwd(flex), q, k, v)
         rows.append(dict(case="window", T=T, window=256, block=128, fwd_ms=fwd * 1e3, fwd_bwd_ms=bwd * 1e3,
-                         fwd_bwd_temp_mib=temp))
+                         fwd_bwd_temp_mib=temp, tokamax="skipped: dense [N, T, T] logits at this T"))
     for a, b in zip(rows, rows[1:]):
         b["fwd_vs_half_T"] = b["fwd_ms"] / a["fwd_ms"]
         b["fwd_bwd_vs_half_T"] = b["fwd_bwd_ms"] / a["fwd_bwd_ms"]
@@ -168,22 +352,19 @@ def memory(T, log):
              dense_TxS_fp32_mib=N * T * T * 4 / MiB))
 
 
-def block_mask_creation(T, rounds, log):
+def _build_doc_mask(T):
     def build(ids):
         bm = jattn.create_block_mask(mods.and_masks(mods.document(ids), mods.causal), None, None, T, T,
                                      block_size=128)
         return jax.tree.leaves(bm)
 
-    ids = _doc_ids(T, 16)
-    f = jax.jit(build)
-    jax.block_until_ready(f(ids))
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(f(ids))
-        best = min(best, time.perf_counter() - start)
-    log(dict(case="create_block_mask", T=T, block=128, docs=16, ms=best * 1e3,
-             temp_mib=jax.jit(build).lower(ids).compile().memory_analysis().temp_size_in_bytes / MiB))
+    return build
+
+
+def block_mask_creation(T, rounds, log):
+    build, ids = _build_doc_mask(T), _doc_ids(T, 16)
+    best = _time_rounds({"build": jax.jit(build)}, (ids,), rounds, float("inf"))["build"]
+    log(dict(case="create_block_mask", T=T, block=128, docs=16, ms=best * 1e3, temp_mib=_temp_mib(build, ids)))
 
 
 def memory_only(window_Ts, mask_T, log):
@@ -194,13 +375,13 @@ def memory_only(window_Ts, mask_T, log):
         flex = lambda q, k, v, bm=bm: jattn.flex_attention(q, k, v, block_mask=bm)
         log(dict(case="window_memory", T=T, window=256, block=128, fwd_bwd_temp_mib=_temp_mib(_fwd_bwd(flex), q, k, v)))
     memory(window_Ts[0], log)
-
-    def build(ids):
-        return jax.tree.leaves(jattn.create_block_mask(mods.and_masks(mods.document(ids), mods.causal), None, None,
-                                                       mask_T, mask_T, block_size=128))
-
     log(dict(case="create_block_mask_memory", T=mask_T, block=128, docs=16,
-             temp_mib=jax.jit(build).lower(_doc_ids(mask_T, 16)).compile().memory_analysis().temp_size_in_bytes / MiB))
+             temp_mib=_temp_mib(_build_doc_mask(mask_T), _doc_ids(mask_T, 16))))
+
+
+# ----------------------------------------------------------------------------------------
+# Driver and table.
+# ----------------------------------------------------------------------------------------
 
 
 def main():
@@ -208,6 +389,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="every T divided by 4, one round")
     parser.add_argument("--smoke", action="store_true", help="every T divided by 16, one round (does it run?)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slow", type=float, default=8.0, help="a call slower than this (s) is timed once")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--speed-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--max-dense", type=int, default=4096,
+                        help="speed: skip the dense [N, T, T] peers (jax.nn, tokamax) above this T")
     parser.add_argument("--memory-only", action="store_true",
                         help="compile-only temp memory (no timing: safe to run beside other jobs)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "flex_cpu.json"))
@@ -216,6 +402,7 @@ def main():
         args.out = args.out.replace("flex_cpu.json", "flex_cpu_memory.json")
     div, rounds = (16, 1) if args.smoke else (4, 1) if args.quick else (1, args.rounds)
     rows = []
+    started = time.time()
 
     def log(row):
         rows.append(row)
@@ -224,52 +411,93 @@ def main():
     if args.memory_only:
         memory_only([16384 // div, 32768 // div], 65536 // div, log)
     else:
-        documents(8192 // div, rounds, log)
-        causal(4096 // div, rounds, log)
-        alibi(4096 // div, rounds, log)
-        window([16384 // div, 32768 // div], rounds, log)
-        memory(16384 // div, log)
-        block_mask_creation(65536 // div, rounds, log)
+        run = set(args.cases)
+        if "speed" in run:
+            speed([T // div for T in args.speed_lengths], rounds, args.slow, args.max_dense // div, log)
+        if "documents" in run:
+            documents(8192 // div, rounds, args.slow, log)
+        if "causal" in run:
+            causal(4096 // div, rounds, args.slow, log)
+        if "alibi" in run:
+            alibi(4096 // div, rounds, args.slow, log)
+        if "window" in run:
+            window([16384 // div, 32768 // div], rounds, args.slow, log)
+        if "memory" in run:
+            memory(16384 // div, log)
+        if "create_block_mask" in run:
+            block_mask_creation(65536 // div, rounds, log)
     meta = dict(jax=jax.__version__, platform=platform.platform(), processor=platform.processor(),
-                cpus=os.cpu_count(), N=N, H=H, B=1, dtype="float32", quick=args.quick, rounds=rounds,
+                cpus=os.cpu_count(), N=N, H=H, B=1, dtype="float32", quick=args.quick, smoke=args.smoke,
+                rounds=rounds, slow_s=args.slow, peers_skipped=SKIPPED, minutes=(time.time() - started) / 60,
+                load_average_at_end=os.getloadavg(),
                 note="shared 2-core machine (other jobs running); minimum over interleaved rounds")
+    for name, mod in (("torch", "torch"), ("tokamax", "tokamax")):
+        try:
+            meta[f"{name}_version"] = __import__(mod).__version__
+        except ImportError:
+            pass
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
-    _print_table(rows)
+    print("\n" + table(rows))
+    for peer, why in SKIPPED.items():
+        print(f"skipped {peer}: {why}")
 
 
-def _print_table(rows):
-    print("\n| case | T | flex fwd ms | peer fwd ms | ratio | flex fwd+bwd ms | peer fwd+bwd ms | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+def _f(r, key, fmt="{:.0f}"):
+    return fmt.format(r[key]) if key in r else "-"
+
+
+def table(rows) -> str:
+    """Markdown tables of the rows (what README shows)."""
+    out = []
+    speed_rows = [r for r in rows if r["case"] == "speed"]
+    if speed_rows:
+        out.append("| T | mode | matmul GFLOP/s | jattn ms (frac) | flex ms (frac) | torch ms (frac) | jax.nn ms (frac) "
+                   "| tokamax ms (frac) | jattn / torch |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in speed_rows:
+            for mode in ("fwd", "fwd_bwd"):
+                cells = [f"{_f(r, f'{n}_{mode}_ms')} ({_f(r, f'{n}_{mode}_frac_matmul', '{:.2f}')})"
+                         if f"{n}_{mode}_ms" in r else "-" for n in ("jattn", "flex", "torch", "jax.nn", "tokamax")]
+                out.append(f"| {r['T']} | {mode.replace('_', '+')} | {r[f'matmul_gflops_{mode}']:.0f} | "
+                           + " | ".join(cells) + f" | {_f(r, f'jattn_over_torch_{mode}', '{:.2f}')} |")
+        out.append("")
+    case_rows = [r for r in rows if r["case"] in ("documents", "causal", "alibi")]
+    if case_rows:
+        out.append("| case | T | flex fwd ms | base fwd ms | ratio | flex fwd+bwd ms | base fwd+bwd ms | ratio "
+                   "| tokamax fwd / fwd+bwd ms |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+    for r in case_rows:
+        tok = f"{_f(r, 'tokamax_fwd_ms')} / {_f(r, 'tokamax_fwd_bwd_ms')}"
         if r["case"] == "documents":
-            print(f"| documents (16, causal) vs jax.nn dense mask | {r['T']} | {r['fwd_ms']:.0f} | "
-                  f"{r['jax_nn_fwd_ms']:.0f} | {r['fwd_speedup']:.1f}x faster | {r['fwd_bwd_ms']:.0f} | "
-                  f"{r['jax_nn_fwd_bwd_ms']:.0f} | {r['fwd_bwd_speedup']:.1f}x faster |")
+            out.append(f"| 16 documents, causal inside (block 128) vs jax.nn + dense mask | {r['T']} | {r['fwd_ms']:.0f} | "
+                       f"{r['jax.nn_fwd_ms']:.0f} | {r['jax.nn_fwd_speedup']:.1f}x faster | {r['fwd_bwd_ms']:.0f} | "
+                       f"{r['jax.nn_fwd_bwd_ms']:.0f} | {r['jax.nn_fwd_bwd_speedup']:.1f}x faster | {tok} |")
         elif r["case"] == "causal":
-            print(f"| mask_mod=causal vs is_causal=True | {r['T']} | {r['fwd_ms']:.0f} | {r['builtin_fwd_ms']:.0f} | "
-                  f"{r['fwd_ratio']:.2f} | {r['fwd_bwd_ms']:.0f} | {r['builtin_fwd_bwd_ms']:.0f} | "
-                  f"{r['fwd_bwd_ratio']:.2f} |")
-        elif r["case"] == "alibi":
-            print(f"| ALiBi score_mod vs no mod | {r['T']} | {r['fwd_ms']:.0f} | {r['no_mod_fwd_ms']:.0f} | "
-                  f"{r['fwd_ratio']:.2f} | {r['fwd_bwd_ms']:.0f} | {r['no_mod_fwd_bwd_ms']:.0f} | "
-                  f"{r['fwd_bwd_ratio']:.2f} |")
+            out.append(f"| mask_mod=causal vs is_causal=True ('chunked'), tiles {tuple(r['block'])} | {r['T']} | "
+                       f"{r['mod_fwd_ms']:.0f} | {r['builtin_fwd_ms']:.0f} | {r['fwd_ratio']:.2f} | "
+                       f"{r['mod_fwd_bwd_ms']:.0f} | {r['builtin_fwd_bwd_ms']:.0f} | {r['fwd_bwd_ratio']:.2f} | {tok} |")
+        else:
+            out.append(f"| ALiBi score_mod vs no mod, tiles {tuple(r['block'])} | {r['T']} | {r['mod_fwd_ms']:.0f} | "
+                       f"{r['none_fwd_ms']:.0f} | {r['fwd_ratio']:.2f} | {r['mod_fwd_bwd_ms']:.0f} | "
+                       f"{r['none_fwd_bwd_ms']:.0f} | {r['fwd_bwd_ratio']:.2f} | {tok} |")
     for r in rows:
         if r["case"] == "documents":
-            print(f"documents: {r['visited_tiles']}/{r['total_tiles']} tiles visited; time per visited score entry "
-                  f"{r['per_entry_ratio_fwd']:.2f}x (fwd) / {r['per_entry_ratio_fwd_bwd']:.2f}x (fwd+bwd) the "
-                  f"built-in non-causal 'chunked' at T={r['T'] // 2}")
+            out.append(f"documents: {r['visited_tiles']}/{r['total_tiles']} tiles visited; time per visited tile "
+                       f"{r['per_tile_ratio_fwd']:.2f}x (fwd) / {r['per_tile_ratio_fwd_bwd']:.2f}x (fwd+bwd) the "
+                       f"built-in non-causal 'chunked' at T={r['chunked_T']} with the same tiles")
         elif r["case"] == "window":
-            print(f"window 256, T={r['T']}: fwd {r['fwd_ms']:.0f} ms, fwd+bwd {r['fwd_bwd_ms']:.0f} ms, "
-                  f"fwd+bwd temp {r['fwd_bwd_temp_mib']:.1f} MiB"
-                  + (f" ({r['fwd_vs_half_T']:.2f}x / {r['fwd_bwd_vs_half_T']:.2f}x / {r['temp_vs_half_T']:.2f}x T/2)"
-                     if "fwd_vs_half_T" in r else ""))
+            out.append(f"window 256, T={r['T']}: fwd {r['fwd_ms']:.0f} ms, fwd+bwd {r['fwd_bwd_ms']:.0f} ms, "
+                       f"fwd+bwd temp {r['fwd_bwd_temp_mib']:.1f} MiB"
+                       + (f" ({r['fwd_vs_half_T']:.2f}x / {r['fwd_bwd_vs_half_T']:.2f}x / {r['temp_vs_half_T']:.2f}x T/2)"
+                          if "fwd_vs_half_T" in r else ""))
         elif r["case"] == "memory":
-            print(f"documents fwd+bwd temp at T={r['T']}: {r['fwd_bwd_temp_mib']:.1f} MiB "
-                  f"(one fp32 [N, T, S] array: {r['dense_TxS_fp32_mib']:.0f} MiB)")
+            out.append(f"documents fwd+bwd temp at T={r['T']}: {r['fwd_bwd_temp_mib']:.1f} MiB "
+                       f"(one fp32 [N, T, S] array: {r['dense_TxS_fp32_mib']:.0f} MiB)")
         elif r["case"] == "create_block_mask":
-            print(f"create_block_mask T=S={r['T']}, block 128, documents: {r['ms']:.0f} ms, temp {r['temp_mib']:.1f} MiB")
+            out.append(f"create_block_mask T=S={r['T']}, block 128, documents: {r['ms']:.0f} ms, temp {r['temp_mib']:.1f} MiB")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
