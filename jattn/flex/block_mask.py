@@ -84,14 +84,18 @@ def _counts_and_indices(flags):
     """bool [..., r, n] -> (counts int32 [..., r], indices int32 [..., r, n]).
 
     The indices of the True entries come first, in increasing order; the rest repeat the
-    last of them (0 for an empty row), so every entry is a valid block index.
+    last of them (0 for an empty row), so every entry is a valid block index. Slot s holds the
+    first index where the running count of True entries reaches s + 1 (a binary search per
+    slot: cheaper on CPU than sorting each row).
     """
     n = flags.shape[-1]
-    counts = flags.sum(-1, dtype=jnp.int32)  # [..., r]
-    order = jnp.argsort(~flags, axis=-1, stable=True).astype(jnp.int32)  # [..., r, n]
-    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)  # [..., r, 1]
-    keep = jnp.arange(n) < counts[..., None]
-    return counts, jnp.where(keep, order, jnp.where(counts[..., None] > 0, last, 0))
+    running = jnp.cumsum(flags, axis=-1, dtype=jnp.int32)  # [..., r, n]
+    counts = running[..., -1]  # [..., r]
+    # Slots past the count look for the last True entry again.
+    want = jnp.minimum(jnp.arange(1, n + 1, dtype=jnp.int32), jnp.maximum(counts, 1)[..., None])  # [..., r, n]
+    search = jax.vmap(lambda row, v: jnp.searchsorted(row, v, side="left", method="scan"))
+    found = search(running.reshape(-1, n), want.reshape(-1, n)).reshape(running.shape)  # [..., r, n]
+    return counts, jnp.where(counts[..., None] > 0, found, 0).astype(jnp.int32)
 
 
 def block_arrays(partial, full):
@@ -121,24 +125,27 @@ def _size(name: str, x, allow_none: bool) -> int:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _block_arrays(mod, Bm, Nm, T, S, bq, bk, consts):
-    """The ``BlockMask`` arrays of a converted mask_mod, one [bq, S] strip of the mask at a time."""
+    """The ``BlockMask`` arrays of a converted mask_mod, one [bq, S] strip of the mask at a time.
+
+    Each strip is reduced in one fused pass to how many of its rows see each key (a small
+    unsigned count, the cheapest reduction on CPU); a tile is visible where some key's count is
+    positive and full where every key's count is the number of real rows (a padded key counts
+    0, so a tile holding one is never full).
+    """
     nq, nk = _ceil_div(T, bq), _ceil_div(S, bk)
+    count_dtype = jnp.uint8 if bq < 256 else jnp.int32
 
     def one_head(b, h):
         def q_row(i):
             q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
             kv_idx = jnp.arange(nk * bk, dtype=jnp.int32)  # [nk*bk]
-            real = (q_idx < T)[:, None] & (kv_idx < S)[None, :]  # [bq, nk*bk]
-            if mod is None:
-                vis = real
-            else:
-                vis = convert.on_tile(mod, consts, b, h, jnp.minimum(q_idx, T - 1),
-                                      jnp.minimum(kv_idx, S - 1)) & real  # [bq, nk*bk]
-            vis = vis.reshape(bq, nk, bk)  # [bq, nk, bk]
-            any_ = vis.any(axis=(0, 2))  # [nk]
-            # A full tile: every real row sees every key, and the tile holds no padded key.
-            all_ = (vis | ~(q_idx < T)[:, None, None]).all(axis=(0, 2)) & any_
-            all_ = all_ & ((jnp.arange(nk) + 1) * bk <= S)
+            vis = (q_idx < T)[:, None] & (kv_idx < S)[None, :]  # [bq, nk*bk]
+            if mod is not None:
+                vis = vis & convert.on_tile(mod, consts, b, h, jnp.minimum(q_idx, T - 1), jnp.minimum(kv_idx, S - 1))
+            seen_by = vis.astype(count_dtype).sum(0, dtype=count_dtype).reshape(nk, bk)  # [nk, bk]
+            real_rows = jnp.minimum(T - i * bq, bq).astype(count_dtype)
+            any_ = seen_by.max(-1) > 0  # [nk]
+            all_ = seen_by.min(-1) == real_rows  # [nk]
             return any_ & ~all_, all_
 
         return jax.lax.map(q_row, jnp.arange(nq, dtype=jnp.int32))  # [nq, nk] each
