@@ -98,16 +98,17 @@ def _forward(st: Static, a: Inputs, r: Rows):
     nq = a.q.shape[0] // st.bq
     dt = a.q.dtype
     d_v = a.v.shape[1]
+    q_scaled = a.q * st.scale  # [Tp, d_k]; scaling q once keeps the [bq, bk] tiles to a bare q kᵀ
 
     def q_block(i):
-        q_blk = _rows(a.q, i, st.bq)  # [bq, d_k]
+        q_blk = _rows(q_scaled, i, st.bq)  # [bq, d_k]
 
         def step(n, carry, indices, partial):
             m, l, acc = carry
             j = indices[i, n]
             k_blk, v_blk = _rows(a.k, j, st.bk), _rows(a.v, j, st.bk)  # [bk, d_k], [bk, d_v]
             q_ids, kv_ids, real = _ids(st, i, j)
-            raw = jnp.einsum("qd,kd->qk", q_blk, k_blk) * st.scale  # [bq, bk]
+            raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
             logits = _score_fn(st, a, q_ids, kv_ids)(raw, a.score_consts)
             vis = _visible(st, a, logits, q_ids, kv_ids, real, partial)
             if vis is not None:
@@ -157,6 +158,7 @@ def _bwd(st: Static, res, cotangents):
     nk = a.k.shape[0] // st.bk
     delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp]; the lse cotangent folds into delta
     is_float = [jnp.issubdtype(c.dtype, jnp.inexact) for c in a.score_consts]
+    q_scaled = a.q * st.scale  # [Tp, d_k]
 
     def kv_block(carry, j):
         k_blk, v_blk = _rows(a.k, j, st.bk), _rows(a.v, j, st.bk)  # [bk, d_k], [bk, d_v]
@@ -164,10 +166,10 @@ def _bwd(st: Static, res, cotangents):
         def step(n, inner, indices, partial):
             dk, dv, dq_all, dconsts = inner
             i = indices[j, n]
-            q_blk, do_blk = _rows(a.q, i, st.bq), _rows(d_out, i, st.bq)  # [bq, d_k], [bq, d_v]
+            q_blk, do_blk = _rows(q_scaled, i, st.bq), _rows(d_out, i, st.bq)  # [bq, d_k], [bq, d_v]
             lse_blk, delta_blk = _rows(lse, i, st.bq), _rows(delta, i, st.bq)  # [bq]
             q_ids, kv_ids, real = _ids(st, i, j)
-            raw = jnp.einsum("qd,kd->qk", q_blk, k_blk) * st.scale  # [bq, bk]
+            raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
             score = _score_fn(st, a, q_ids, kv_ids)
             floats = tuple(c for c, f in zip(a.score_consts, is_float) if f)
 
@@ -185,12 +187,10 @@ def _bwd(st: Static, res, cotangents):
             dv = dv + jnp.einsum("qk,qd->kd", p, do_blk)  # [bk, d_v]
             dp = jnp.einsum("qd,kd->qk", do_blk, v_blk)  # [bq, bk]
             ds = p * (dp - delta_blk[:, None])  # [bq, bk]: gradient of the modified scores
-            d_raw, d_floats = score_vjp(ds)
-            d_raw = d_raw * st.scale
-            dq_all = jax.lax.dynamic_update_slice_in_dim(
-                dq_all, _rows(dq_all, i, st.bq) + jnp.einsum("qk,kd->qd", d_raw, k_blk), i * st.bq, axis=0
-            )  # [Tp, d_k]
-            dk = dk + jnp.einsum("qk,qd->kd", d_raw, q_blk)  # [bk, d_k]
+            d_raw, d_floats = score_vjp(ds)  # d_raw [bq, bk]: gradient of q kᵀ · scale
+            dq_blk = jnp.einsum("qk,kd->qd", d_raw, k_blk) * st.scale  # [bq, d_k]; scale on the small side
+            dq_all = jax.lax.dynamic_update_slice_in_dim(dq_all, _rows(dq_all, i, st.bq) + dq_blk, i * st.bq, axis=0)
+            dk = dk + jnp.einsum("qk,qd->kd", d_raw, q_blk)  # [bk, d_k]; q_blk carries the scale
             dconsts = tuple(x + y for x, y in zip(dconsts, d_floats))
             return dk, dv, dq_all, dconsts
 
