@@ -5,6 +5,10 @@
     python train_toy.py --config.num_train_steps=200      # override a field
     python train_toy.py --workdir=runs/mine               # run again with it to resume
 
+Several processes (hosts): run the same command in each, with ``--distributed`` (on Cloud TPU,
+SLURM or Open MPI JAX finds the rest) or ``--coordinator_address=host0:1234
+--num_processes=N --process_id=i``; see README, "Many hosts".
+
 The logic lives in ``jattn.toy``; this file only parses flags. A failure the user can act on
 (an invalid config, a workdir in use, a damaged file, a diverged run) is printed as one message
 without a traceback; the exit status is 2 for an invalid config or override, 1 for the others,
@@ -45,6 +49,12 @@ except _OVERRIDE_ERRORS as e:
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder; reusing one resumes its run. Default: a fresh runs/<config>-<time>."
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Run as one of several JAX processes (jax.distributed.initialize); implied by "
+    "--coordinator_address. Without the three flags below JAX detects them (Cloud TPU, SLURM, Open MPI).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
 def _fresh_workdir() -> str:
@@ -65,6 +75,12 @@ def main(argv):
     from jattn.toy.errors import TrainerError  # after flag parsing, so --help does not import jax
     from jattn.toy.run import run
 
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        from jattn.toy import processes
+
+        processes.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        if not _WORKDIR.value:
+            raise app.UsageError("--workdir is required with several processes (they must share it)")
     workdir = _WORKDIR.value or _fresh_workdir()
     try:
         run(_CONFIG.value, workdir)

@@ -40,6 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
     # With sequence P > 1 the training batch is padded to a multiple of 2P positions (zero loss weight)
     # and permuted into ring attention's zig-zag layout; evaluation and decoding are not sequence-split.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # devices on the data-parallel (batch) axis; -1 = all local devices left by sequence
+    c.mesh.data = -1  # devices on the data-parallel (batch) axis; -1 = all devices (of every process) left by sequence
     c.mesh.sequence = 1  # devices per training sequence (ring attention; needs attention_implementation None)
     return c

@@ -49,8 +49,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks, blockwise
+from jattn import _checks, _score_tiles, blockwise
 from jattn.chunked import DEFAULT_BLOCK_KV
+from jattn.flex import convert
 from jattn.masks import causal, combine_masks, local_window, padding, same_segment
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -177,6 +178,9 @@ class _Static(NamedTuple):
     bk: int  # key rows of a tile
     hops: tuple[int, int]  # blocks fetched from lower devices, from higher devices
     mask_mod: object = None  # mask_mod(b, h, q_idx, kv_idx) -> bool on original positions, or None
+    score_mod: convert.Converted | None = None  # without its consts (they are arguments of _ring)
+    batch_axis: object = None  # mesh axis sharding the batch (global b = shard · B + b), or None
+    head_axis: object = None  # mesh axis sharding the heads (global h = shard · N + h), or None
 
 
 def _offset_bounds(is_causal: bool, window):
@@ -223,12 +227,23 @@ def _hops(is_causal: bool, window, layout: str, P: int, Tl: int, Sl: int) -> tup
 
 
 class _Queries(NamedTuple):
-    """What stays on the device: the query block and the per-example masks."""
+    """What stays on the device: the query block, the per-example masks and the mods' inputs."""
 
     q: jax.Array  # [B, Tl, K, G, H]
     q_len: jax.Array | None  # [B]
     kv_len: jax.Array | None  # [B]
     q_seg: jax.Array | None  # [B, Tl]
+    heads: jax.Array  # [B, K, G, 2] int32: global (batch row, query head) of each local head
+    consts: tuple = ()  # the arrays the score_mod closed over
+
+
+def _global_heads(st: _Static, B: int, K: int, G: int) -> jax.Array:
+    """[B, K, G, 2]: the global batch row and query head (h = k·G + g) of each local head."""
+    b0 = 0 if st.batch_axis is None else jax.lax.axis_index(st.batch_axis) * B
+    h0 = 0 if st.head_axis is None else jax.lax.axis_index(st.head_axis) * (K * G)
+    b = jnp.broadcast_to(b0 + jnp.arange(B)[:, None, None], (B, K, G))  # [B, K, G]
+    h = jnp.broadcast_to(h0 + jnp.arange(K * G).reshape(1, K, G), (B, K, G))  # [B, K, G]
+    return jnp.stack([b, h], axis=-1).astype(jnp.int32)  # [B, K, G, 2]
 
 
 class _Block(NamedTuple):
@@ -271,25 +286,60 @@ def _tile_kind(st: _Static, qs: _Queries, t: _Tile):
     return jnp.where(some, jnp.where(full, 2, 1), 0)
 
 
-def _mod_mask(mask_mod, B: int, K: int, G: int, q_pos, k_pos):
-    """[B, K, G, tq, tk]: ``mask_mod(b, h, q_idx, kv_idx)`` with h = k·G + g, on original positions."""
+def _mod_mask(mask_mod, heads, q_pos, k_pos):
+    """[B, K, G, tq, tk]: ``mask_mod(b, h, q_idx, kv_idx)`` on global heads and original positions."""
     f = jax.vmap(mask_mod, in_axes=(None, None, None, 0))  # over keys
     f = jax.vmap(f, in_axes=(None, None, 0, None))  # over queries
-    f = jax.vmap(f, in_axes=(None, 0, None, None))  # over heads
-    f = jax.vmap(f, in_axes=(0, None, None, None))  # over the batch
-    out = f(jnp.arange(B), jnp.arange(K * G), q_pos, k_pos)  # [B, N, tq, tk]
-    return jnp.reshape(out, (B, K, G) + out.shape[-2:]).astype(bool)
+    for _ in range(3):  # over G, K and the batch
+        f = jax.vmap(f, in_axes=(0, 0, None, None))
+    out = f(heads[..., 0], heads[..., 1], q_pos, k_pos)  # [B, K, G, tq, tk]
+    return jnp.broadcast_to(out, heads.shape[:3] + (q_pos.shape[0], k_pos.shape[0])).astype(bool)
 
 
-def _tile_mask(st: _Static, qs: _Queries, t: _Tile, structural: bool):
-    """[B, tq, tk] bool visibility of a tile ([B, K, G, tq, tk] with a mask_mod), or None when
-    everything is visible."""
-    B, _, K, G = qs.q.shape[:4]
+def _tile_mask(st: _Static, qs: _Queries, t: _Tile, structural: bool, mod=None):
+    """[B, tq, tk] bool visibility of a tile ([B, K, G, tq, tk] with a mask_mod, whose values
+    ``mod`` are given), or None when everything is visible."""
     mask = _shared_mask(st, qs, t, structural)
-    if st.mask_mod is None:
+    if mod is None:
         return mask
-    mod = _mod_mask(st.mask_mod, B, K, G, t.q_pos, t.k_pos)  # [B, K, G, tq, tk]
     return mod if mask is None else mod & mask[:, None, None]
+
+
+def _kind_and_mod(st: _Static, qs: _Queries, t: _Tile):
+    """(``_tile_kind``, the mask_mod's values [B, K, G, tq, tk] or None): a tile that the
+    mask_mod hides entirely is skipped too."""
+    kind = _tile_kind(st, qs, t)
+    if st.mask_mod is None:
+        return kind, None
+    mod = _mod_mask(st.mask_mod, qs.heads, t.q_pos, t.k_pos)  # [B, K, G, tq, tk]
+    return jnp.where(jnp.any(mod), kind, 0), mod
+
+
+def _step_visible(st: _Static, qs: _Queries, blk: "_Block", pos: "_Positions"):
+    """[] bool: whether some tile of this step may be visible (a loop over the tiles, so that
+    a mask_mod is never evaluated on the whole [Tl, Sl] block at once)."""
+    some = _tile_kind(st, qs, _whole_block(qs, blk, pos)) > 0
+    if st.mask_mod is None:
+        return some
+    nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
+
+    def tile(n, seen):
+        kind, _ = _kind_and_mod(st, qs, _tile(st, qs, blk, pos, n // nk, n % nk))
+        return seen | (kind > 0)
+
+    none = qs.heads[0, 0, 0, 0] < 0  # [] False, varying like q (a loop carry must)
+    return some & jax.lax.fori_loop(0, nq * nk, tile, none)
+
+
+def _score(st: _Static, t: "_Tile"):
+    """Per head: (b, h) [2] -> ``score(s [tq, tk], consts) -> [tq, tk]`` on global indices."""
+
+    def per_head(bh):
+        zero = bh[0] * 0  # varying like q: so are the positions then
+        return lambda s, consts: _score_tiles.on_tile(st.score_mod, consts, s, bh[0], bh[1], t.q_pos + zero,
+                                                      t.k_pos + zero)
+
+    return per_head
 
 
 def _shared_mask(st: _Static, qs: _Queries, t: _Tile, structural: bool):
@@ -319,29 +369,38 @@ def _switch(st: _Static, kind, compute, state):
     return jax.lax.switch(kind, branches, state)
 
 
-def _over_heads(fn, n_q_like: int, n_kv_like: int, sum_kv_outputs: bool):
-    """vmap ``fn(*q_like, *kv_like, mask)`` over G, K and B like ``multihead._lift``.
+def _over_heads(fn, n_q_like: int, n_kv_like: int, grads: bool):
+    """vmap ``fn(*q_like, *kv_like, mask, bh)`` over G, K and B like ``multihead._lift``.
 
     q_like args are [B, tq, K, G, ...], kv_like args [B, tk, K, ...], mask [B, tq, tk] |
-    [B, K, G, tq, tk] | None.
-    Outputs are q_like ([B, tq, K, G, ...]); with ``sum_kv_outputs`` the last two outputs are
-    kv_like gradients, summed over the G query heads that share a kv head.
+    [B, K, G, tq, tk] | None, bh [B, K, G, 2] the global (batch row, head) of each head.
+    Outputs are q_like ([B, tq, K, G, ...]); with ``grads`` fn returns (dq, dk, dv, d_consts):
+    dk, dv [B, tk, K, ...] are summed over the G query heads that share a kv head and the
+    tuple d_consts over every head (None entries stay None).
     """
     q_axes, kv_axes = (1,) * n_q_like, (1,) * n_kv_like
+    out_axes = (1, 1, 1, 0) if grads else 1
+
+    def sum_heads(d_consts, axis):
+        return tuple(None if d is None else jnp.sum(d, axis=axis) for d in d_consts)
 
     def lifted(*args):
-        m = 0 if args[-1] is not None and args[-1].ndim == 5 else None  # per-head mask [B, K, G, tq, tk]
-        over_g = jax.vmap(fn, in_axes=q_axes + (None,) * n_kv_like + (m,), out_axes=1)
+        m = 0 if args[-2] is not None and args[-2].ndim == 5 else None  # per-head mask [B, K, G, tq, tk]
+        over_g = jax.vmap(fn, in_axes=q_axes + (None,) * n_kv_like + (m, 0), out_axes=out_axes)
 
         def per_kv_head(*args):
             outs = over_g(*args)
-            if not sum_kv_outputs:
+            if not grads:
                 return outs
-            dq, dk, dv = outs  # dk [tk, G, H], dv [tk, G, Hv]
-            return dq, jnp.sum(dk, axis=1), jnp.sum(dv, axis=1)
+            dq, dk, dv, dc = outs  # dk [tk, G, H], dv [tk, G, Hv], dc [G, ...] each
+            return dq, jnp.sum(dk, axis=1), jnp.sum(dv, axis=1), sum_heads(dc, 0)
 
-        over_k = jax.vmap(per_kv_head, in_axes=q_axes + kv_axes + (m,), out_axes=1)
-        return jax.vmap(over_k, in_axes=0, out_axes=0)(*args)
+        over_k = jax.vmap(per_kv_head, in_axes=q_axes + kv_axes + (m, 0), out_axes=out_axes)
+        outs = jax.vmap(over_k, in_axes=0, out_axes=0)(*args)
+        if not grads:
+            return outs
+        dq, dk, dv, dc = outs  # dc [B, K, ...] each
+        return dq, dk, dv, sum_heads(sum_heads(dc, 0), 0)
 
     return lifted
 
@@ -397,71 +456,82 @@ def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
     pos = _positions(st, qs, blk, me, src)
     nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
 
-    def one_head(m, l, acc, q, k, v, mask):
-        return blockwise.forward_block((m, l, acc), q, k, v, None, mask, None, st.scale, st.cap)
-
     def q_tile(i, carry):
         q = _rows(qs.q, i, st.bq)  # [B, bq, K, G, H]
 
         def k_tile(j, state):
             t = _tile(st, qs, blk, pos, i, j)
+            kind, mod = _kind_and_mod(st, qs, t)
+
+            def one_head(m, l, acc, q, k, v, mask, bh):
+                if st.score_mod is None:
+                    return blockwise.forward_block((m, l, acc), q, k, v, None, mask, None, st.scale, st.cap)
+                return _score_tiles.forward_block(
+                    (m, l, acc), q, k, v, mask, _score(st, t)(bh), qs.consts, st.scale, st.cap)
 
             def fold(state, structural):
-                mask = _tile_mask(st, qs, t, structural)
+                mask = _tile_mask(st, qs, t, structural, mod)
                 k = _rows(blk.k, j, st.bk).astype(q.dtype)  # [B, bk, K, H]
                 v = _rows(blk.v, j, st.bk).astype(q.dtype)  # [B, bk, K, Hv]
-                return _over_heads(one_head, 4, 2, False)(*state, q, k, v, mask)
+                return _over_heads(one_head, 4, 2, False)(*state, q, k, v, mask, qs.heads)
 
-            return _switch(st, _tile_kind(st, qs, t), fold, state)
+            return _switch(st, kind, fold, state)
 
         state = _loop(nk, k_tile, tuple(_rows(x, i, st.bq) for x in carry))
         return tuple(_put_rows(x, s, i, st.bq) for x, s in zip(carry, state))
 
     if nq == nk == 1:  # one tile: its own switch skips it
         return q_tile(0, carry)
-    some = _tile_kind(st, qs, _whole_block(qs, blk, pos)) > 0
+    some = _step_visible(st, qs, blk, pos)
     return jax.lax.cond(some, lambda c: jax.lax.fori_loop(0, nq, q_tile, c), lambda c: c, carry)
 
 
-def _backward_step(st: _Static, qs: _Queries, res, dq, dkv, blk: _Block, me, src):
-    """Add the gradients of every tile against the block of device ``src``: dq [B, Tl, K, G, H]
-    stays here, dkv = (dk [B, Sl, K, H], dv [B, Sl, K, Hv]) belongs to the block."""
+def _backward_step(st: _Static, qs: _Queries, res, stays, dkv, blk: _Block, me, src):
+    """Add the gradients of every tile against the block of device ``src``: ``stays`` = (dq
+    [B, Tl, K, G, H], d_consts: the score_mod's consts' gradients, None for integer ones) stay
+    here, dkv = (dk [B, Sl, K, H], dv [B, Sl, K, Hv]) belongs to the block."""
     do, lse, delta = res  # [B, Tl, K, G, Hv], [B, Tl, K, G], [B, Tl, K, G]
     pos = _positions(st, qs, blk, me, src)
     nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
 
-    def one_head(q, do, lse, delta, k, v, mask):
-        dq, dk, dv, _ = blockwise.backward_block(q, k, v, do, lse, delta, None, mask, None, st.scale, st.cap)
-        return dq, dk, dv
-
     def k_tile(j, grads):
-        dq, (dk, dv) = grads
+        (dq, dc), (dk, dv) = grads
         k = _rows(blk.k, j, st.bk).astype(qs.q.dtype)  # [B, bk, K, H]
         v = _rows(blk.v, j, st.bk).astype(qs.q.dtype)  # [B, bk, K, Hv]
 
         def q_tile(i, inner):
             t = _tile(st, qs, blk, pos, i, j)
+            kind, mod = _kind_and_mod(st, qs, t)
+
+            def one_head(q, do, lse, delta, k, v, mask, bh):
+                if st.score_mod is None:
+                    dq, dk, dv, _ = blockwise.backward_block(
+                        q, k, v, do, lse, delta, None, mask, None, st.scale, st.cap)
+                    return dq, dk, dv, ()
+                return _score_tiles.backward_block(
+                    q, k, v, do, lse, delta, mask, _score(st, t)(bh), qs.consts, st.scale, st.cap)
 
             def grad(inner, structural):
-                dq, dk_j, dv_j = inner
-                mask = _tile_mask(st, qs, t, structural)
-                dq_t, dk_t, dv_t = _over_heads(one_head, 4, 2, True)(
+                dq, dc, dk_j, dv_j = inner
+                mask = _tile_mask(st, qs, t, structural, mod)
+                dq_t, dk_t, dv_t, dc_t = _over_heads(one_head, 4, 2, True)(
                     _rows(qs.q, i, st.bq), _rows(do, i, st.bq), _rows(lse, i, st.bq), _rows(delta, i, st.bq),
-                    k, v, mask,
+                    k, v, mask, qs.heads,
                 )
-                return _put_rows(dq, _rows(dq, i, st.bq) + dq_t, i, st.bq), dk_j + dk_t, dv_j + dv_t
+                dc = tuple(a if b is None else a + b for a, b in zip(dc, dc_t))
+                return _put_rows(dq, _rows(dq, i, st.bq) + dq_t, i, st.bq), dc, dk_j + dk_t, dv_j + dv_t
 
-            return _switch(st, _tile_kind(st, qs, t), grad, inner)
+            return _switch(st, kind, grad, inner)
 
-        dq, dk_j, dv_j = _loop(nq, q_tile, (dq, jnp.zeros_like(k), jnp.zeros_like(v)))
+        dq, dc, dk_j, dv_j = _loop(nq, q_tile, (dq, dc, jnp.zeros_like(k), jnp.zeros_like(v)))
         dk = _put_rows(dk, _rows(dk, j, st.bk) + dk_j, j, st.bk)
         dv = _put_rows(dv, _rows(dv, j, st.bk) + dv_j, j, st.bk)
-        return dq, (dk, dv)
+        return (dq, dc), (dk, dv)
 
     if nq == nk == 1:  # one tile: its own switch skips it
-        return k_tile(0, (dq, dkv))
-    some = _tile_kind(st, qs, _whole_block(qs, blk, pos)) > 0
-    return jax.lax.cond(some, lambda g: jax.lax.fori_loop(0, nk, k_tile, g), lambda g: g, (dq, dkv))
+        return k_tile(0, (stays, dkv))
+    some = _step_visible(st, qs, blk, pos)
+    return jax.lax.cond(some, lambda g: jax.lax.fori_loop(0, nk, k_tile, g), lambda g: g, (stays, dkv))
 
 
 # ----------------------------------------------------------------------------------------
@@ -515,11 +585,21 @@ def _compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _forward(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg):
+def _queries(st: _Static, q, q_len, kv_len, q_seg, consts) -> _Queries:
+    """The per-device state; the mods' inputs vary over the mesh axes like q (a score_mod's
+    jaxpr is evaluated as is, and its operations need equal variance)."""
+    B, _, K, G, _ = q.shape
+    zero = jnp.zeros_like(jnp.sum(q[..., :0]), dtype=jnp.int32)  # [] 0 varying like q
+    consts = tuple(c + zero.astype(jnp.result_type(c)) for c in consts)
+    heads = _global_heads(st, B, K, G) + zero  # [B, K, G, 2]
+    return _Queries(q.astype(_compute_dtype(q.dtype)), q_len, kv_len, q_seg, heads, consts)
+
+
+def _forward(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg, consts):
     """q [B, Tl, K, G, H] -> (out [B, Tl, K, G, Hv], lse [B, Tl, K, G]) in the compute dtype."""
     B, Tl, K, G, _ = q.shape
     Hv = v.shape[-1]
-    qs = _Queries(q.astype(_compute_dtype(q.dtype)), q_len, kv_len, q_seg)
+    qs = _queries(st, q, q_len, kv_len, q_seg, consts)
     # The empty online-softmax state; *_like keeps the shard_map variance of q.
     m = jnp.full_like(jnp.sum(qs.q, axis=-1), -jnp.inf)  # [B, Tl, K, G]; H may be 0
     l = jnp.zeros_like(m)  # [B, Tl, K, G]
@@ -534,31 +614,45 @@ def _forward(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg):
-    out, _ = _forward(st, q, k, v, q_len, kv_len, q_seg, kv_seg)
+def _ring(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg, consts):
+    out, _ = _forward(st, q, k, v, q_len, kv_len, q_seg, kv_seg, consts)
     return out.astype(q.dtype)
 
 
-def _ring_fwd(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg):
-    out, lse = _forward(st, q, k, v, q_len, kv_len, q_seg, kv_seg)
+def _ring_fwd(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg, consts):
+    out, lse = _forward(st, q, k, v, q_len, kv_len, q_seg, kv_seg, consts)
     out = out.astype(q.dtype)
-    return out, (q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse)
+    return out, (q, k, v, q_len, kv_len, q_seg, kv_seg, consts, out, lse)
+
+
+def _floating(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _sum_over_devices(d, like):
+    """``d`` (computed from this device's shards) summed over the mesh axes over which it
+    varies and ``like`` (the primal it is the gradient of) does not."""
+    axes = tuple(sorted(_score_tiles.varying_axes(d) - _score_tiles.varying_axes(like), key=str))
+    return jax.lax.psum(d, axes) if axes else d
 
 
 def _ring_bwd(st: _Static, res, d_out):
-    q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse = res
+    q, k, v, q_len, kv_len, q_seg, kv_seg, consts, out, lse = res
     cd = _compute_dtype(q.dtype)
-    qs = _Queries(q.astype(cd), q_len, kv_len, q_seg)
+    qs = _queries(st, q, q_len, kv_len, q_seg, consts)
     do = d_out.astype(cd)  # [B, Tl, K, G, Hv]
     delta = jnp.sum(do * out.astype(cd), axis=-1)  # [B, Tl, K, G]
     dq = jnp.zeros_like(qs.q)  # [B, Tl, K, G, H]
+    zero = jnp.zeros_like(jnp.sum(qs.q[..., :0]))  # [] 0 varying like q (a loop carry must)
+    dc = tuple(jnp.zeros_like(c) + zero.astype(jnp.result_type(c)) if _floating(c) else None for c in consts)
     dkv = (jnp.zeros_like(k, dtype=cd), jnp.zeros_like(v, dtype=cd))  # [B, Sl, K, H|Hv]
 
-    def step(dq, dkv, blk, me, src):
-        return _backward_step(st, qs, (do, lse, delta), dq, dkv, blk, me, src)
+    def step(stays, dkv, blk, me, src):
+        return _backward_step(st, qs, (do, lse, delta), stays, dkv, blk, me, src)
 
-    dq, (dk, dv) = _ring_loop(st, _Block(k, v, kv_seg), step, dq, dkv)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+    (dq, dc), (dk, dv) = _ring_loop(st, _Block(k, v, kv_seg), step, (dq, dc), dkv)
+    dc = tuple(None if d is None else _sum_over_devices(d, c).astype(jnp.result_type(c)) for d, c in zip(dc, consts))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, dc
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -608,6 +702,9 @@ def ring_attention(
     layout: str = "contiguous",
     block_sizes: tuple[int, int] | None = None,
     mask_mod=None,
+    score_mod=None,
+    batch_axis=None,
+    head_axis=None,
 ):
     """Exact multi-head attention over a sequence sharded along ``axis_name``; call inside
     ``jax.shard_map``.
@@ -628,10 +725,16 @@ def ring_attention(
     query can see. ``block_sizes = (bq, bk)`` are the tile sizes of each step (dividing the
     local lengths); by default the largest divisors up to (256, 256).
 
-    ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (``jattn.flex``'s convention, written for scalars)
-    adds any further mask, evaluated tile by tile on GLOBAL original positions (whatever the
-    layout), with ``b`` and ``h`` the batch row and query head of the local shard. It combines
-    with the other masks; tiles are skipped only by those (causal, window, lengths, segments).
+    ``mask_mod(b, h, q_idx, kv_idx) -> bool`` and ``score_mod(score, b, h, q_idx, kv_idx) ->
+    score`` (``jattn.flex``'s conventions, written for scalars) are evaluated tile by tile on
+    GLOBAL indices: original positions whatever the layout, and the global batch row and
+    query head when the batch / heads are also sharded over the mesh axes ``batch_axis`` /
+    ``head_axis`` of the enclosing shard_map (name them; otherwise ``b``/``h`` index the local
+    shard). A mask_mod combines with the other masks, and a tile (a whole ring step) that it
+    hides entirely is skipped like one hidden by them (the mask_mod is evaluated on every
+    tile to find out; steps are still communicated). The score_mod sees the scores after
+    ``scale`` and ``logits_soft_cap``; a ``-inf`` score hides the entry. Gradients flow to q,
+    k, v and to the floating arrays the score_mod closes over (summed over the devices).
     """
     B, Tl, Sl, N, K = check_arrays(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
@@ -666,7 +769,19 @@ def ring_attention(
     hops = _hops(bool(is_causal), window, layout, P, Tl, Sl)
     if mask_mod is not None and not callable(mask_mod):
         raise TypeError(f"mask_mod: expected a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
-    st = _Static(axis_name, P, scale, logits_soft_cap, bool(is_causal), layout, window, bq, bk, hops, mask_mod)
+    for name, axis in (("batch_axis", batch_axis), ("head_axis", head_axis)):
+        if axis is not None:
+            try:
+                jax.lax.axis_size(axis)
+            except NameError as e:
+                raise ValueError(f"{name}: expected a mesh axis of the enclosing shard_map, got {axis!r}") from e
+    smod, consts = None, ()
+    if score_mod is not None:
+        smod = convert.convert("score_mod", score_mod, _compute_dtype(_checks.dtype_of("query", query)))
+        smod, consts = smod._replace(consts=()), smod.consts
+    st = _Static(axis_name, P, scale, logits_soft_cap, bool(is_causal), layout, window, bq, bk, hops, mask_mod,
+                 smod, batch_axis, head_axis)
     q = jnp.reshape(query, (B, Tl, K, N // K, H))  # [B, Tl, K, G, H]
-    out = _ring(st, q, key, value, query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids)
+    out = _ring(st, q, key, value, query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids,
+                consts)
     return jnp.reshape(out, (B, Tl, N, value.shape[-1]))  # [B, Tl, N, Hv]

@@ -115,10 +115,12 @@ def _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis,
     if splits:
         Kr = Kl * kv_replication(Kl, P_seq)
         ulysses_bytes = 2 * (P_seq - 1) * Bl * (Tl * Nl * (H + Hv) + Sl * Kr * (H + Hv)) * item // P_seq
-    if kwargs.get("mask_mod") is not None:
+    mods = [m for m in ("mask_mod", "score_mod") if kwargs.get(m) is not None]
+    if mods:
+        what = " and ".join(mods)
         if strategy == "ulysses":
-            raise ValueError("strategy: mask_mod runs on the ring only; use strategy='ring' or 'auto'")
-        return Strategy("ring", "mask_mod runs on the ring only" if strategy == "auto" else "asked for",
+            raise ValueError(f"strategy: {what} runs on the ring only; use strategy='ring' or 'auto'")
+        return Strategy("ring", f"{what} runs on the ring only" if strategy == "auto" else "asked for",
                         ring_bytes, ulysses_bytes)
     if strategy == "ulysses" and not splits:
         raise ValueError(
@@ -192,7 +194,9 @@ def sequence_parallel_attention(
     over ``head_axis``. ``strategy`` is ``'ring'`` (default), ``'ulysses'`` (the heads per
     device must be divisible by P) or ``'auto'`` (see the module docstring and
     ``explain_sequence_parallel``). ``kwargs``: ``is_causal``, ``scale``, ``logits_soft_cap``,
-    ``local_window_size``, ``block_sizes``, and (ring only) ``mask_mod`` (see ``ring_attention``). Lengths ``[B]`` and segment ids ``[B, T]`` /
+    ``local_window_size``, ``block_sizes``, and (ring only) ``mask_mod`` and ``score_mod`` on
+    global indices (batch row, head, original positions; see ``ring_attention``; gradients flow
+    to the arrays a score_mod closes over). Lengths ``[B]`` and segment ids ``[B, T]`` /
     ``[B, S]`` are as in ``jattn.dot_product_attention`` (segment ids in the same layout as
     the rows).
 
@@ -217,15 +221,19 @@ def sequence_parallel_attention(
         if kwargs.get(name) is not None:
             kwargs[name] = _checks.concrete_number(name, kwargs[name])
     options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
-    return _run(arrays, tuple(specs.items()), mesh, axis_name, rows, layout, plan.strategy, options)
+    return _run(arrays, tuple(specs.items()), mesh, axis_name, batch_axis, head_axis, layout, plan.strategy,
+                options)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
-def _run(arrays, specs, mesh, axis_name, rows, layout, strategy, options):
+@functools.partial(jax.jit, static_argnums=tuple(range(1, 9)))
+def _run(arrays, specs, mesh, axis_name, batch_axis, head_axis, layout, strategy, options):
     """Jitted, so that eager calls do not run the shard_map body op by op."""
     specs = dict(specs)
     arrays = {name: _place(x, mesh, specs[name]) for name, x in arrays.items()}
-    attend = ulysses_attention if strategy == "ulysses" else ring_attention
+    rows = P(batch_axis, axis_name, head_axis)
+    attend = ulysses_attention
+    if strategy != "ulysses":  # the mods see global batch rows and heads
+        attend = functools.partial(ring_attention, batch_axis=batch_axis, head_axis=head_axis)
 
     def local(arrays):
         return attend(**arrays, axis_name=axis_name, layout=layout, **dict(options))

@@ -6,10 +6,12 @@ Usage: ``python tests/multiprocess_worker.py MODE PROCESS_ID NUM_PROCESSES PORT 
   queries) over the 8 devices of both processes, forward and gradients; each process compares
   the shards it holds with ``jattn.dot_product_attention`` computed on its own first device
   and writes ``OUT_DIR/parity_<id>.json``.
-- ``trainer`` (also run by ``parity``, in the same processes): the toy trainer's jitted training step (configs/tiny.py) on a 2 (data) x 4
-  (sequence) mesh whose every row has 2 devices in each process, so the ring crosses the
-  process boundary, against the same steps on one local device; writes
-  ``OUT_DIR/trainer_<id>.json`` with both processes' per-step losses.
+- ``trainer`` (also run by ``parity``, in the same processes): the toy trainer's jitted
+  training step (configs/tiny.py with ``TOY_OVERRIDES``, the config of the ``train_toy.py``
+  runs of tests/test_multiprocess.py) on a 2 (data) x 4 (sequence) mesh whose every row has
+  2 devices in each process, so the ring crosses the process boundary, against the same
+  steps on one local device; writes ``OUT_DIR/trainer_<id>.json`` with both processes'
+  per-step losses and the overrides.
 - ``die``: steps of ring attention across both processes in a loop; process VICTIM kills
   itself (SIGKILL, no goodbye) before step 2 and writes the time to ``OUT_DIR/died_at``; the
   other must fail with an error, not hang (it writes ``OUT_DIR/die_<id>.json`` if a step
@@ -100,13 +102,17 @@ def parity():
         json.dump(result, f)
 
 
+# configs/tiny.py fields that the trainer tests of tests/test_multiprocess.py override.
+TOY_OVERRIDES = {"num_train_steps": 4, "warmup_steps": 2, "batch_size": 8, "num_layers": 1}
+
+
 def trainer():
     import runpy
 
     from jattn.toy import mesh as mesh_lib, train
 
     config = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))["get_config"]()
-    config.batch_size = 8
+    config.update(TOY_OVERRIDES)
 
     def losses(data_size, sequence_size, devices):
         config.mesh.data, config.mesh.sequence = data_size, sequence_size
@@ -114,7 +120,7 @@ def trainer():
         graphdef, state = train.create_train_state(config, mesh)
         steps = train.jit_steps(config, graphdef, mesh)
         out = []
-        for step in range(3):
+        for step in range(config.num_train_steps):
             state, metrics = steps.train_step(state, steps.train_batch(step))
             out.append(float(np.asarray(metrics["loss"].addressable_data(0))))  # replicated
         return out, [sorted(d.process_index for d in row) for row in mesh.devices]
@@ -124,7 +130,7 @@ def trainer():
     two, rows = losses(2, 4, crossing)
     one, _ = losses(1, 1, jax.local_devices()[:1])
     with open(os.path.join(OUT, f"trainer_{PID}.json"), "w") as f:
-        json.dump({"two_processes": two, "one_device": one, "row_processes": rows}, f)
+        json.dump({"two_processes": two, "one_device": one, "row_processes": rows, "config": TOY_OVERRIDES}, f)
 
 
 def die():

@@ -1,6 +1,6 @@
 """Multi-device checks of ring attention, run by tests/test_ring.py in a subprocess.
 
-Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors, ulysses, decode, mask_mod}; prints one
+Usage: ``python tests/ring_checks.py GROUP`` with GROUP in {gradients, forward, windows, memory, errors, ulysses, decode, mask_mod, score_mod}; prints one
 JSON object (check name -> measured values). XLA_FLAGS must give 8 host devices before jax
 is imported, which is why this is a separate process.
 """
@@ -20,7 +20,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jattn  # noqa: E402
-from jattn import ring  # noqa: E402
+from jattn import flex, ring  # noqa: E402
 
 PARITY_DEFAULTS = dict(B=2, T=16, N=2, K=2, H=5, Hv=3)
 
@@ -250,6 +250,86 @@ def mask_mod():
     return r
 
 
+def _bias_mod(table):
+    """A score_mod reading the global batch row, head and positions, closing over ``table [B, N]``."""
+    def score_mod(score, b, h, q, kv):
+        return score + table[b, h] + 0.05 * (q - kv) - 0.5 * ((q + kv + b) % 4 == 0)
+    return score_mod
+
+
+def _flex_compare(mesh, seed, *, axes=(None, None), layout="zigzag", is_causal=False, mask_mod=None,
+                  table_shape=None, B=2, T=32, N=4, K=2, H=8, **ring_kwargs):
+    """(forward error, [dq, dk, dv, d_table errors]) of sequence_parallel_attention with a
+    score_mod (and optional mask_mod) against ``jattn.flex.flex_attention`` on one device."""
+    q, k, v, w = _inputs(seed, B, T, N, K, H, H)
+    table = np.random.default_rng(seed + 1).standard_normal(table_shape or (B, N)).astype(np.float32)
+    P_seq = mesh.shape["s"]
+    batch_axis, head_axis = axes
+    ref_mask = mask_mod
+    if is_causal:
+        causal = lambda b, h, qi, ki: qi >= ki
+        ref_mask = causal if mask_mod is None else flex.mods.and_masks(causal, mask_mod)
+
+    def ring_loss(q, k, v, table):
+        to = lambda x: ring.to_layout(x, P_seq, layout)
+        out = jattn.sequence_parallel_attention(
+            to(q), to(k), to(v), mesh=mesh, axis_name="s", batch_axis=batch_axis, head_axis=head_axis,
+            layout=layout, is_causal=is_causal, score_mod=_bias_mod(table), mask_mod=mask_mod, **ring_kwargs)
+        out = ring.from_layout(out, P_seq, layout)
+        return jnp.sum(out * w), out
+
+    def ref_loss(q, k, v, table):
+        out = flex.flex_attention(q, k, v, score_mod=_bias_mod(table), mask_mod=ref_mask)
+        return jnp.sum(out * w), out
+
+    def both(q, k, v, table):
+        g = lambda f: jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, table)
+        return g(ring_loss), g(ref_loss)
+
+    with jax.set_mesh(mesh):
+        (g_ring, out_ring), (g_ref, out_ref) = jax.jit(both)(q, k, v, table)
+    return _max_err(out_ring, out_ref), [_max_err(a, b) for a, b in zip(g_ring, g_ref)]
+
+
+def score_mod():
+    """Ring attention with a score_mod (and mask_mod) on global batch rows, heads and positions
+    vs flex_attention on one device, forward and gradients (q, k, v and the closed-over table)."""
+    seq8 = jax.make_mesh((8,), ("s",))
+    grid = jax.make_mesh((2, 4), ("d", "s"))
+    heads = jax.make_mesh((4, 2), ("s", "h"))
+    r = {}
+    r["causal_zigzag_gqa_tiles"] = _flex_compare(seq8, 51, is_causal=True, block_sizes=(2, 2))
+    r["batch_axis_mask_mod_contiguous"] = _flex_compare(
+        grid, 52, axes=("d", None), layout="contiguous", mask_mod=_mod, block_sizes=(4, 2))
+    r["head_axis_causal_window"] = _flex_compare(heads, 53, axes=(None, "h"), is_causal=True, K=4,
+                                                 mask_mod=lambda b, h, qi, ki: qi - ki <= 9)
+    r["skipped"] = _evaluated_tiles(seq8)
+    return r
+
+
+def _evaluated_tiles(mesh):
+    """The (query tile, key tile) pairs on which the ring evaluates a score_mod (forward and
+    backward), with a mask_mod of documents of one 4-row tile each: rows of 8 per device in
+    tiles of 4, so other devices' steps and the other tile of a step are all hidden."""
+    seen = set()
+
+    def record(q, kv):
+        q, kv = np.broadcast_arrays(np.asarray(q), np.asarray(kv))
+        seen.update(zip((q.reshape(-1) // 4).tolist(), (kv.reshape(-1) // 4).tolist()))
+
+    def score_mod(s, b, h, q, kv):
+        jax.debug.callback(record, q, kv)
+        return s
+
+    x = _inputs(54, 1, 64, 2, 2, 4, 4)[0]
+    attend = lambda x: jattn.sequence_parallel_attention(
+        x, x, x, mesh=mesh, axis_name="s", score_mod=score_mod, mask_mod=lambda b, h, q, kv: q // 4 == kv // 4,
+        block_sizes=(4, 4))
+    with jax.set_mesh(mesh):
+        jax.block_until_ready(jax.jit(jax.grad(lambda x: jnp.sum(attend(x))))(x))
+    return sorted(seen)
+
+
 def windows():
     """Local windows (shortened schedules) and steps cut into several tiles, forward and grads."""
     seq8 = jax.make_mesh((8,), ("s",))
@@ -326,6 +406,6 @@ if __name__ == "__main__":
     group = sys.argv[1]
     groups = {
         "gradients": gradients, "forward": forward, "windows": windows, "memory": memory, "errors": errors,
-        "ulysses": ulysses, "decode": decode, "mask_mod": mask_mod,
+        "ulysses": ulysses, "decode": decode, "mask_mod": mask_mod, "score_mod": score_mod,
     }
     print(json.dumps(groups[group]()))

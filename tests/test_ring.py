@@ -73,6 +73,18 @@ def test_ring_mask_mod_on_global_positions_matches_dense_mask():
         assert len(grads) == 3 and max(grads) < 1e-3, (case, grads)
 
 
+def test_ring_score_mod_on_global_indices_matches_flex_attention():
+    r = _run_group("score_mod")
+    skipped = r.pop("skipped")
+    assert sorted(r) == ["batch_axis_mask_mod_contiguous", "causal_zigzag_gqa_tiles", "head_axis_causal_window"]
+    for case, (fwd, grads) in r.items():
+        assert fwd < 1e-4, (case, fwd)
+        assert len(grads) == 4 and max(grads) < 1e-3, (case, grads)  # q, k, v and the closed-over table
+    # Tiles (and whole ring steps) that the mask_mod hides are never computed: the score_mod
+    # was evaluated on the 16 diagonal tiles only, never on another device's block.
+    assert skipped == [[i, i] for i in range(16)], skipped
+
+
 def test_memory_per_device_is_linear_in_the_local_length():
     m = _run_group("memory")
     print(json.dumps(m))
@@ -193,6 +205,9 @@ Q = np.ones((1, 4, 2, 3), np.float32)
         (dict(local_window_size=-1), ValueError, "local_window_size: expected non-negative window sizes"),
         (dict(local_window_size="big"), TypeError, "local_window_size: expected an int or a (left, right)"),
         (dict(mask_mod="causal"), TypeError, "mask_mod: expected a function (b, h, q_idx, kv_idx) -> bool, got str"),
+        (dict(score_mod="alibi"), TypeError, "score_mod: expected a function score_mod(score, b, h, q_idx, kv_idx)"),
+        (dict(score_mod=lambda s, b, h, q, kv: s, strategy="ulysses"), ValueError,
+         "strategy: score_mod runs on the ring only"),
         (dict(block_sizes=(3, 2)), ValueError, "block_sizes: expected (block_q, block_kv) of positive ints dividing"),
         (dict(q_segment_ids=np.zeros((1, 4), np.int32)), ValueError, "q_segment_ids, kv_segment_ids: expected both"),
         (dict(key_value_seq_lengths=np.zeros((2,), np.int32)), ValueError, "key_value_seq_lengths: expected shape (1,)"),
@@ -221,6 +236,16 @@ def test_ring_attention_unknown_axis_inside_shard_map():
         mesh=mesh, in_specs=jax.sharding.PartitionSpec(None, "s"), out_specs=jax.sharding.PartitionSpec(None, "s"),
     )
     with pytest.raises(ValueError, match="axis_name: expected a mesh axis of the enclosing shard_map, got 'seq'"):
+        jax.jit(sm)(jnp.ones((1, 4, 2, 3)))
+
+
+def test_ring_attention_unknown_batch_axis_inside_shard_map():
+    mesh = jax.make_mesh((1,), ("s",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    sm = jax.shard_map(
+        lambda q: jattn.ring_attention(q, q, q, axis_name="s", batch_axis="data"),
+        mesh=mesh, in_specs=jax.sharding.PartitionSpec(None, "s"), out_specs=jax.sharding.PartitionSpec(None, "s"),
+    )
+    with pytest.raises(ValueError, match="batch_axis: expected a mesh axis of the enclosing shard_map, got 'data'"):
         jax.jit(sm)(jnp.ones((1, 4, 2, 3)))
 
 

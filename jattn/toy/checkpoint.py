@@ -18,6 +18,16 @@ warning naming it, and the next older one is tried. A run killed mid-save leaves
 temporary directory (removed when the manager opens, ``cleanup_tmp_directories``), a step
 directory without orbax's commit marker (deleted here) or, killed between orbax's commit and
 the manifest, a step without a manifest (set aside as damaged); none of them is ever loaded.
+
+Several JAX processes (``jax.distributed``, see ``jattn.toy.processes``): every process calls
+``save`` and ``restore_latest``. Orbax's save is collective (each process writes the shards
+it holds; process 0 commits the step directory once all have written, behind a barrier).
+Process 0 alone writes the manifest, deletes incomplete steps, rotates and moves damaged
+checkpoints aside, each followed by a barrier after which every process re-reads the
+directory. Every process checks the files against the manifest and its restored arrays, and
+the processes agree on the verdict: a checkpoint is used only if it is intact in all of them,
+so all of them resume from the same step. The state's arrays are compared as a whole, so
+they must be fully replicated (the trainer's are) or fully addressable in each process.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jattn.toy import processes
 from jattn.toy.errors import TrainerError, warn
 
 COMMIT_FILE = "commit_success.txt"  # orbax's marker, written just before the final rename
@@ -129,14 +140,20 @@ class Checkpointer:
         return self._directory / str(step)
 
     def _discard_incomplete(self) -> list[str]:
-        """Delete step directories that lack orbax's commit marker; return their paths."""
-        doomed = [self._step_dir(s) for s in self._manager.all_steps()]
-        doomed = [str(p) for p in doomed if not (p / COMMIT_FILE).is_file()]
-        for path in doomed:
-            shutil.rmtree(path)
-        if doomed:
-            self._manager.reload()
+        """Delete step directories that lack orbax's commit marker (process 0); return their paths."""
+        doomed = []
+        if processes.is_primary():
+            doomed = [self._step_dir(s) for s in self._manager.all_steps()]
+            doomed = [str(p) for p in doomed if not (p / COMMIT_FILE).is_file()]
+            for path in doomed:
+                shutil.rmtree(path)
+        self._changed("discard")
         return doomed
+
+    def _changed(self, what: str) -> None:
+        """After process 0 changed the directory: wait for it, then every process re-reads it."""
+        processes.barrier(f"checkpoints:{what}")
+        self._manager.reload()
 
     def complete_steps(self) -> list[int]:
         """Steps of finished checkpoints, ascending."""
@@ -159,17 +176,26 @@ class Checkpointer:
         arrays = _array_digests(state)
         with _signals_deferred():
             step_dir = self._step_dir(step)
+            error = None
             try:
-                self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                self._manager.save(step, args=ocp.args.StandardSave(state), force=True)  # collective
                 self._manager.wait_until_finished()
-                manifest = {"step": step, "files": _file_digests(step_dir), "arrays": arrays}
-                _write_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+                if processes.is_primary():
+                    manifest = {"step": step, "files": _file_digests(step_dir), "arrays": arrays}
+                    _write_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             except Exception as e:  # orbax/tensorstore errors have no common base class
-                self._remove_unfinished(step)
+                error = e
+            # A collective: every process learns whether all wrote, and waits for the manifest.
+            failed = processes.failed_processes(error is None)
+            if failed:
+                if processes.is_primary():
+                    self._remove_unfinished(step)
+                why = (f"{type(error).__name__}: {_first_line(error)}" if error is not None
+                       else f"it failed in process(es) {failed}; their output says why")
                 raise TrainerError(
-                    f"could not write checkpoint {step_dir} ({type(e).__name__}: {_first_line(e)}); it was "
-                    "removed and the older checkpoints are intact. Free disk space (or fix the "
-                    "directory's permissions) and run again to resume"
+                    f"could not write checkpoint {step_dir} ({why}); it was removed and the older "
+                    "checkpoints are intact. Free disk space (or fix the directory's permissions) and "
+                    "run again to resume"
                 ) from None
             try:
                 self.restore(step, like=state)
@@ -188,11 +214,12 @@ class Checkpointer:
 
     def _prune(self) -> None:
         """Delete all but the newest ``max_to_keep`` checkpoints (each renamed away first)."""
-        for step in self.complete_steps()[: -self._max_to_keep]:
-            doomed = self._directory / f"{step}{_DELETING}"
-            os.rename(self._step_dir(step), doomed)
-            shutil.rmtree(doomed)
-        self._manager.reload()
+        if processes.is_primary():
+            for step in self.complete_steps()[: -self._max_to_keep]:
+                doomed = self._directory / f"{step}{_DELETING}"
+                os.rename(self._step_dir(step), doomed)
+                shutil.rmtree(doomed)
+        self._changed("prune")
 
     def _check_files(self, step: int) -> dict:
         """The manifest of ``step`` once every file matches it; else raise ``DamagedCheckpoint``."""
@@ -220,9 +247,37 @@ class Checkpointer:
         """Restore ``step`` into the structure, dtypes and shardings of the pytree ``like``.
 
         Raises ``DamagedCheckpoint`` unless every file and every restored array matches the
-        checkpoint's manifest, and ``TrainerError`` if intact files do not fit ``like``.
+        checkpoint's manifest in every process, and ``TrainerError`` if intact files do not fit
+        ``like``. Collective: every process calls it with the same ``step``.
         """
-        arrays = self._check_files(step)
+        arrays = self._agreed(self._check_files, step)
+        state = self._agreed(self._restore_arrays, step, like, arrays)
+        return state
+
+    def _agreed(self, check, *args):
+        """``check(*args)`` with the verdict of all processes: if it raised ``TrainerError`` in
+        any process, every process raises one; else if it raised ``DamagedCheckpoint`` in any,
+        every process raises that; else its result."""
+        error, code = None, 0  # code: 0 ok, 1 damaged, 2 cannot go on
+        try:
+            result = check(*args)
+        except DamagedCheckpoint as e:
+            error, code = e, 1
+        except TrainerError as e:
+            error, code = e, 2
+        codes = processes.gather(code)
+        worst = max(codes)
+        if error is not None and code == worst:
+            raise error
+        others = [i for i, c in enumerate(codes) if c == worst]
+        if worst == 2:
+            raise TrainerError(f"reading checkpoint {self._step_dir(args[0])} failed in process(es) {others} "
+                               "(their output says why)")
+        if worst == 1:
+            raise DamagedCheckpoint(f"process(es) {others} found it damaged (their output says how)")
+        return result
+
+    def _restore_arrays(self, step: int, like, arrays: dict):
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like
         )
@@ -245,7 +300,9 @@ class Checkpointer:
         if every checkpoint is damaged, raises ``TrainerError`` saying so.
         """
         moved = []
-        for step in reversed(self.complete_steps()):
+        steps = self.complete_steps()
+        processes.same_everywhere(f"checkpoints in {self._directory}", steps)
+        for step in reversed(steps):
             try:
                 return step, self.restore(step, like)
             except DamagedCheckpoint as e:
@@ -260,13 +317,15 @@ class Checkpointer:
 
     def _quarantine(self, step: int, why: str) -> str:
         source = self._step_dir(step)
-        self._damaged_dir.mkdir(exist_ok=True)
         target, n = self._damaged_dir / str(step), 1
         while target.exists():
             n += 1
             target = self._damaged_dir / f"{step}-{n}"
-        os.rename(source, target)
-        self._manager.reload()
+        processes.barrier(f"checkpoints:checked-{step}")  # no process reads it any more
+        if processes.is_primary():
+            self._damaged_dir.mkdir(exist_ok=True)
+            os.rename(source, target)
+        self._changed(f"quarantine-{step}")
         warn(f"checkpoint {source} is damaged: {why}. Moved it to {target}; trying an older checkpoint")
         return str(target)
 

@@ -16,26 +16,34 @@ AXES = ("data", "sequence")
 
 
 def make_mesh(mesh_config, batch_size: int, devices=None) -> Mesh:
-    """A ``[data, sequence]`` mesh of the local devices with the sizes of ``mesh_config``
-    (``data=-1``: all devices that ``sequence`` leaves).
+    """A ``[data, sequence]`` mesh of the devices of every process (``jax.devices()``) with the
+    sizes of ``mesh_config`` (``data=-1``: all devices that ``sequence`` leaves).
 
+    With several processes the devices are in process order, so a row (``sequence``) holds
+    consecutive devices of one process where it fits, and the mesh must use every device.
     Raises ValueError, before anything compiles, if the devices do not fit or the batch
     does not split evenly over the data axis.
     """
-    devices = list(jax.local_devices() if devices is None else devices)
+    devices = list(jax.devices() if devices is None else devices)
     n, sequence = len(devices), mesh_config.sequence
+    what = "local devices" if jax.process_count() == 1 else f"devices of the {jax.process_count()} processes"
     if sequence > n:
-        raise ValueError(f"config.mesh.sequence: expected at most {n} (local devices), got {sequence}")
+        raise ValueError(f"config.mesh.sequence: expected at most {n} ({what}), got {sequence}")
     if mesh_config.data == -1 and n % sequence:
         raise ValueError(
-            f"config.mesh.sequence: expected a divisor of the {n} local devices when mesh.data=-1, "
+            f"config.mesh.sequence: expected a divisor of the {n} {what} when mesh.data=-1, "
             f"got {sequence}"
         )
     data = n // sequence if mesh_config.data == -1 else mesh_config.data
     if data * sequence > n:
         raise ValueError(
-            f"config.mesh.data: expected -1 or at most {n // sequence} (local devices) with "
+            f"config.mesh.data: expected -1 or at most {n // sequence} ({what}) with "
             f"mesh.sequence={sequence}, got {data}"
+        )
+    if jax.process_count() > 1 and data * sequence != n:
+        raise ValueError(
+            f"config.mesh: a run of {jax.process_count()} processes must use all {n} devices "
+            f"(data x sequence = {n}), got data={data} x sequence={sequence}"
         )
     grid = np.array(devices[: data * sequence]).reshape(data, sequence)  # [data, sequence]
     mesh = Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))

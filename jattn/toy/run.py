@@ -9,6 +9,11 @@ config (before the workdir is created), a workdir held by another run, a ``confi
 differs from the config or is unreadable, a checkpoint that cannot be resumed, and a NaN or an
 infinity in the loss, a gradient or the state. Damaged checkpoints and ``metrics.jsonl`` lines
 are set aside with a warning and the run resumes from the newest intact checkpoint.
+
+Several JAX processes (``train_toy.py --num_processes=...``, see ``jattn.toy.processes``):
+each takes its own workdir lock; process 0 alone writes config.json, metrics.jsonl,
+summary.json and the plots and prints progress; all of them train, checkpoint (orbax, each
+process its shards) and evaluate together. A failed check in one process stops all of them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jattn.toy import checkpoint, data, gradcheck, metrics, plots, train, validation, workdir_lock
+from jattn.toy import checkpoint, data, gradcheck, metrics, plots, processes, train, validation, workdir_lock
 from jattn.toy import mesh as mesh_lib
 from jattn.toy.errors import ConfigError, TrainerError
 
@@ -52,7 +57,7 @@ def _check_same_config(workdir: str, config) -> None:
 def _make_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -114,18 +119,27 @@ def run(config, workdir: str) -> dict:
         mesh_lib.check_divides(mesh, "num_eval_sequences", config.num_eval_sequences)
     except ValueError as e:
         raise ConfigError(f"invalid config:\n  {e}") from None
-    _make_workdir(workdir)
-    with contextlib.closing(workdir_lock.lock_workdir(workdir)):
+    processes.everywhere("creating the workdir", _make_workdir, workdir)
+    lock = processes.everywhere("locking the workdir", workdir_lock.lock_workdir, workdir, jax.process_index())
+    with contextlib.closing(lock):
         return _train(config, workdir, mesh, start_time)
 
 
+def _say(*args, **kwargs) -> None:
+    """``print`` in process 0 only (progress is shown once, not once per process)."""
+    if processes.is_primary():
+        print(*args, **kwargs)
+
+
 def _train(config, workdir: str, mesh, start_time: float) -> dict:
-    _check_same_config(workdir, config)
-    print(f"workdir: {workdir}")
-    print(f"task: {config.task}, seq_len={config.seq_len}, vocab_size={config.vocab_size}; "
-          f"devices: {mesh.devices.size} x {jax.devices()[0].platform} (mesh {dict(mesh.shape)})")
+    primary = processes.is_primary()
+    processes.everywhere("checking config.json", lambda: _check_same_config(workdir, config) if primary else None)
+    _say(f"workdir: {workdir}")
+    _say(f"task: {config.task}, seq_len={config.seq_len}, vocab_size={config.vocab_size}; "
+          f"devices: {mesh.devices.size} x {jax.devices()[0].platform} (mesh {dict(mesh.shape)}"
+          f"{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''})")
     if config.check_grads:
-        print(gradcheck.check_attention_grads(config.seed))
+        _say(gradcheck.check_attention_grads(config.seed))
 
     graphdef, state = train.create_train_state(config, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -133,32 +147,32 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
                                    max_to_keep=config.max_checkpoints_to_keep)
     try:
         for path in ckpt.discarded:
-            print(f"discarded incomplete checkpoint {path}")
+            _say(f"discarded incomplete checkpoint {path}")
         start, state = ckpt.restore_latest(like=state)
         if start:
-            print(f"resumed from checkpoint at step {start}")
-        print(f"model: {config.num_layers} layers, d_model={config.d_model}, {config.num_heads} heads, "
+            _say(f"resumed from checkpoint at step {start}")
+        _say(f"model: {config.num_layers} layers, d_model={config.d_model}, {config.num_heads} heads, "
               f"{num_params:,} parameters")
-        log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
+        log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start) if primary else None
         steps = train.jit_steps(config, graphdef, mesh)
-        heldout = jax.device_put(
-            data.eval_batch(config.seed, num_sequences=config.num_eval_sequences, seq_len=config.seq_len,
-                            vocab_size=config.vocab_size, task=config.task),
-            mesh_lib.batch_sharded(mesh),
-        )
+        heldout_host = jax.tree.map(np.asarray, data.eval_batch(
+            config.seed, num_sequences=config.num_eval_sequences, seq_len=config.seq_len,
+            vocab_size=config.vocab_size, task=config.task))  # the same in every process
+        heldout = jax.tree.map(lambda x: processes.global_array(x, mesh_lib.batch_sharded(mesh)), heldout_host)
         kill_after = int(os.environ.get(KILL_ENV) or -1)
 
         def evaluate(step: int) -> dict:
             result, outputs = steps.eval_step(state.params, heldout)
             result = _floats(result)
-            tqdm.write(f"eval @ step {step}: held-out seq_accuracy={result['seq_accuracy']:.4f} "
-                       f"token_accuracy={result['token_accuracy']:.4f} (greedy decoding)")
-            _show_samples(heldout, np.asarray(outputs), config)
+            if primary:
+                tqdm.write(f"eval @ step {step}: held-out seq_accuracy={result['seq_accuracy']:.4f} "
+                           f"token_accuracy={result['token_accuracy']:.4f} (greedy decoding)")
+                _show_samples(heldout_host, np.asarray(outputs), config)  # outputs: replicated
             return result
 
         total = config.num_train_steps
         guard = _FiniteGuard(last_checkpoint=start)
-        bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step")
+        bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", disable=not primary)
         for step in bar:
             state, step_metrics = steps.train_step(state, steps.train_batch(step))
             done = step + 1  # optimizer steps taken
@@ -172,7 +186,8 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
                 row = {"step": done, **_floats({k: v for k, v in step_metrics.items() if k != "all_finite"})}
                 if is_eval:
                     row.update({f"eval/{k}": v for k, v in evaluate(done).items()})
-                log.append(row)
+                if log is not None:
+                    log.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.3g}", acc=f"{row['token_accuracy']:.3f}")
             if done == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -184,8 +199,10 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
         ckpt.close()
 
     final = evaluate(total)
+    if not primary:
+        return {"num_train_steps": total, "resumed_from_step": start, "process_index": jax.process_index()}
     rows = log.rows()
-    example = heldout.inputs[:1]  # [1, T]
+    example = heldout_host.inputs[:1]  # [1, T]; on this process's first device
     weights = np.asarray(steps.attention_maps(state.params, example))[:, 0]  # [layers, N, T, T]
     labels = data.symbols_text(np.asarray(example[0])).split()
     plots.plot_attention(weights, labels, os.path.join(workdir, "attention.png"),
@@ -200,10 +217,11 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
         "num_eval_sequences": config.num_eval_sequences,
         "resumed_from_step": start,
         "num_devices": int(mesh.devices.size),
+        "num_processes": jax.process_count(),
         "wall_seconds": time.time() - start_time,
     }
     metrics.write_json(os.path.join(workdir, "summary.json"), summary)
-    print(f"done: seq_accuracy={summary['seq_accuracy']:.4f} on {config.num_eval_sequences} held-out "
+    _say(f"done: seq_accuracy={summary['seq_accuracy']:.4f} on {config.num_eval_sequences} held-out "
           f"sequences, final loss {summary['final_loss']:.3g}, {summary['wall_seconds']:.1f}s wall")
-    print(f"wrote metrics.jsonl, summary.json, attention.png, grad_flow.png, checkpoints/ in {workdir}")
+    _say(f"wrote metrics.jsonl, summary.json, attention.png, grad_flow.png, checkpoints/ in {workdir}")
     return summary

@@ -1,0 +1,121 @@
+"""``jattn.blockwise``'s tile steps with a ``score_mod`` between the scores and the softmax.
+
+Shape glossary: tq query rows of a tile, tk key columns of a tile, d_k query/key head dim,
+d_v value head dim.
+
+``score(s [tq, tk], consts) -> [tq, tk]`` is a ``score_mod`` already bound to the tile's
+batch row, head and global positions (``jattn.flex.convert.on_tile``); ``consts`` are the
+arrays it closed over. The logits are ``score(soft_cap(q kᵀ · scale))``; a ``-inf`` score
+hides an entry like the mask, a NaN stays visible and propagates. The backward step returns
+the gradients of the floating ``consts`` too (``None`` for integer ones), so that a score_mod
+can be trained through ring attention. Non-finite q/k/v rows are handled as in
+``jattn.blockwise`` (``jattn._finite``): a hidden one never reaches a row that does not see it.
+
+``on_tile`` evaluates a mod converted by ``jattn.flex.convert`` (a jaxpr traced on plain
+scalars) inside ``jax.shard_map``, where the score and indices vary over mesh axes: every
+equation's operands are first cast to the union of their varying axes (``lax.pcast``), which
+JAX does by itself when tracing Python but not when evaluating a traced jaxpr; nested
+``jit`` and ``custom_jvp`` calls are inlined (a custom derivative rule of a function the mod
+calls, e.g. ``jax.nn.relu``, is replaced by the derivative of its definition).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+
+from jattn import _finite, blockwise
+from jattn.masks import combine_masks
+
+_INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes over which ``x`` varies inside ``jax.shard_map`` (empty outside)."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def _vary(x, axes: frozenset):
+    missing = tuple(sorted(axes - varying_axes(x), key=str))
+    return jax.lax.pcast(jnp.asarray(x), missing, to="varying") if missing else x
+
+
+def _eval(jaxpr, consts, args) -> list:
+    """``jax.core.eval_jaxpr`` with operands cast to equal varying mesh axes (see above)."""
+    env = {}
+    read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]  # noqa: E731
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        axes = frozenset().union(*(varying_axes(x) for x in ins))
+        ins = [_vary(x, axes) for x in ins] if axes else ins
+        name = eqn.primitive.name
+        if name in _INLINED and _INLINED[name] in eqn.params:
+            closed = eqn.params[_INLINED[name]]
+            outs = _eval(closed.jaxpr, closed.consts, ins)
+        else:
+            outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def on_tile(mod, consts, score, b, h, q_idx, kv_idx):
+    """A converted score_mod on a tile: score [tq, tk], b [], h [], q_idx [tq], kv_idx [tk] -> [tq, tk]."""
+    one = lambda s, b, h, qi, ki: _eval(mod.jaxpr, consts, (s, b, h, qi, ki))[0]  # noqa: E731
+    over_k = jax.vmap(one, in_axes=(0, None, None, None, 0))
+    return jax.vmap(over_k, in_axes=(0, None, None, 0, None))(score, b, h, q_idx, kv_idx)  # [tq, tk]
+
+
+def _logits(q_blk, k_blk, mask_tile, score, consts, scale: float, cap: float | None):
+    """(capped scores [tq, tk], logits [tq, tk], visible [tq, tk] | None)."""
+    capped, visible = blockwise.tile_logits(q_blk, k_blk, None, mask_tile, None, scale, cap)
+    logits = score(capped, consts).astype(capped.dtype)
+    return capped, logits, combine_masks(visible, logits != -jnp.inf)
+
+
+def forward_block(carry, q_blk, k_blk, v_blk, mask_tile, score, consts, scale: float, cap: float | None):
+    """``blockwise.forward_block`` with ``score`` applied to the (soft-capped) scores."""
+    m, l, acc = carry  # [tq], [tq], [tq, d_v]
+    _, logits, visible = _logits(q_blk, k_blk, mask_tile, score, consts, scale, cap)
+    logits = jnp.where(visible, logits, -jnp.inf)  # [tq, tk]
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [tq]; NaN stays NaN
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(logits - m_safe[:, None])  # [tq, tk]; 0 where hidden
+    alpha = jnp.exp(m - m_safe)  # [tq]
+    v_blk, v_bad = _finite.split(v_blk)
+    acc = alpha[:, None] * acc + jnp.einsum("qk,kd->qd", p, v_blk)  # [tq, d_v]
+    acc = acc + _finite.nan_at(_finite.rows_seeing(v_bad, visible, p.shape[0]), acc.dtype)[:, None]
+    return m_new, alpha * l + jnp.sum(p, axis=-1), acc
+
+
+def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, mask_tile, score, consts,
+                   scale: float, cap: float | None):
+    """FlashAttention-2 backward of one scored tile: (dq [tq, d_k], dk [tk, d_k], dv [tk, d_v],
+    d_consts: one gradient per const, None for integer consts)."""
+    floating = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
+
+    def scored(capped, float_consts):
+        it = iter(float_consts)
+        return score(capped, tuple(next(it) if f else c for c, f in zip(consts, floating)))
+
+    capped, visible = blockwise.tile_logits(q_blk, k_blk, None, mask_tile, None, scale, cap)
+    float_consts = tuple(c for c, f in zip(consts, floating) if f)
+    logits, score_vjp = jax.vjp(scored, capped, float_consts)
+    logits = logits.astype(capped.dtype)
+    visible = combine_masks(visible, logits != -jnp.inf)
+    lse_safe = jnp.where(lse_blk == -jnp.inf, jnp.inf, lse_blk)  # [tq]; a row that saw nothing: P = 0
+    p = jnp.exp(jnp.where(visible, logits - lse_safe[:, None], -jnp.inf))  # [tq, tk]
+    (q_fin, _), (k_fin, _), (v_fin, _) = _finite.split(q_blk), _finite.split(k_blk), _finite.split(v_blk)
+    dv = jnp.einsum("qk,qd->kd", p, do_blk)  # [tk, d_v]
+    dp = jnp.einsum("qd,kd->qk", do_blk, v_fin)  # [tq, tk]
+    ds = jnp.where(visible, p * (dp - delta_blk[:, None]), 0.0)  # [tq, tk]: gradient of the logits
+    d_capped, d_float = score_vjp(ds.astype(logits.dtype))
+    d_raw = d_capped * scale if cap is None else d_capped * (scale * (1.0 - (capped / cap) ** 2))
+    dq = jnp.einsum("qk,kd->qd", d_raw, k_fin)  # [tq, d_k]
+    dk = jnp.einsum("qk,qd->kd", d_raw, q_fin)  # [tk, d_k]
+    it = iter(d_float)
+    return dq, dk, dv, tuple(next(it) if f else None for f in floating)
