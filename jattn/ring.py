@@ -16,9 +16,14 @@ VJP) recomputes each tile with ``blockwise.backward_block`` and sends the dK/dV 
 with their blocks; at the end they go home in one hop.
 
 Skipping: a tile (and a whole step) that no query can see under the causal mask, the local
-window, the lengths or the segment ids (disjoint id ranges) is not computed (``lax.switch``
-on an unbatched predicate); a tile entirely inside the causal/window bounds is computed
-without evaluating them. With a local window the schedule itself is shortened (``_hops``):
+window, the lengths, the segment ids (disjoint id ranges) or a ``mask_mod`` is not computed
+(``lax.switch`` on an unbatched predicate); a tile entirely inside the causal/window bounds
+is computed without evaluating them.
+
+Mods (``jattn.flex``'s ``mask_mod`` / ``score_mod``) see global indices: original positions,
+and the global batch row / query head when the batch / heads are sharded too (``batch_axis``,
+``head_axis``). A score_mod's closed-over arrays are arguments of the custom VJP, so they get
+gradients (``jattn._score_tiles``). With a local window the schedule itself is shortened (``_hops``):
 blocks travel only as far as some query can see, in one or both directions, so a window of
 W costs about W/Tl steps and transfers each way instead of P - 1.
 

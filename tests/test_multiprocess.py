@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -207,3 +208,65 @@ def test_toy_trainer_as_two_processes_resumes_after_both_are_killed(parity_run, 
     summary = json.loads((workdir / "summary.json").read_text())
     assert (summary["num_processes"], summary["num_devices"], summary["resumed_from_step"]) == (2, 8, 2), summary
     assert sorted((p.name for p in (workdir / "checkpoints").iterdir()), key=int) == ["2", "4"]
+
+
+# The agreement logic, in this process, with the other process's answers simulated.
+
+
+def _two_checkpoints(directory):
+    from jattn.toy import checkpoint
+
+    ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=3)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.arange(4.0) + step})
+    return ckpt
+
+
+def test_a_checkpoint_damaged_in_another_process_is_set_aside_in_all(tmp_path, monkeypatch, capsys):
+    from jattn.toy import processes
+
+    ckpt = _two_checkpoints(tmp_path / "checkpoints")
+    verdicts = iter([1, 0, 0])  # process 1: step 2's files are damaged; then step 1 is fine there
+    monkeypatch.setattr(processes, "gather", lambda code: [code, next(verdicts)])
+    step, state = ckpt.restore_latest(like={"w": jnp.zeros(4)})
+    ckpt.close()
+    assert step == 1 and np.asarray(state["w"]).tolist() == [1.0, 2.0, 3.0, 4.0]  # the same choice as process 1
+    assert (tmp_path / "damaged_checkpoints" / "2").is_dir()  # moved aside by process 0 (this one)
+    assert "process(es) [1] found it damaged" in capsys.readouterr().err
+
+
+def test_a_reading_failure_in_another_process_stops_this_one(tmp_path, monkeypatch):
+    from jattn.toy import processes
+    from jattn.toy.errors import TrainerError
+
+    ckpt = _two_checkpoints(tmp_path / "checkpoints")
+    monkeypatch.setattr(processes, "gather", lambda code: [code, 2])  # process 1 cannot go on
+    with pytest.raises(TrainerError, match=r"reading checkpoint .*2 failed in process\(es\) \[1\]"):
+        ckpt.restore_latest(like={"w": jnp.zeros(4)})
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]  # nothing moved
+
+
+def test_a_failure_in_another_process_stops_all(monkeypatch):
+    from jattn.toy import processes
+    from jattn.toy.errors import TrainerError
+
+    monkeypatch.setattr(processes, "gather", lambda code: [code, 0])
+    with pytest.raises(TrainerError, match=r"locking the workdir failed in process\(es\) \[1\]"):
+        processes.everywhere("locking the workdir", lambda: "locked")
+    monkeypatch.setattr(processes, "gather", lambda code: [code, 1])
+    assert processes.everywhere("locking the workdir", lambda: "locked") == "locked"
+
+
+def test_one_workdir_lock_per_process_index(tmp_path):
+    from jattn.toy import workdir_lock
+    from jattn.toy.errors import TrainerError
+
+    first, second = workdir_lock.lock_workdir(str(tmp_path), 0), workdir_lock.lock_workdir(str(tmp_path), 1)
+    try:  # the processes of one run do not block each other; a second run's process 1 is blocked
+        with pytest.raises(TrainerError, match=r"in use by another train_toy.py run \(pid \d+ on host .*, process 1"):
+            workdir_lock.lock_workdir(str(tmp_path), 1)
+    finally:
+        first.close()
+        second.close()
+    assert (tmp_path / "train.lock.process-1").is_file()

@@ -107,7 +107,8 @@ def _show_samples(batch: data.Batch, outputs: np.ndarray, config) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint).
+    """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint); returns the
+    summary (in process 0; the other processes of a multi-process run return a short dict).
 
     Raises ``ConfigError`` before the workdir is created if the config cannot run here, and
     ``TrainerError`` for the other failures listed in the module docstring.
@@ -136,8 +137,8 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
     processes.everywhere("checking config.json", lambda: _check_same_config(workdir, config) if primary else None)
     _say(f"workdir: {workdir}")
     _say(f"task: {config.task}, seq_len={config.seq_len}, vocab_size={config.vocab_size}; "
-          f"devices: {mesh.devices.size} x {jax.devices()[0].platform} (mesh {dict(mesh.shape)}"
-          f"{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''})")
+         f"devices: {mesh.devices.size} x {jax.devices()[0].platform} (mesh {dict(mesh.shape)}"
+         f"{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''})")
     if config.check_grads:
         _say(gradcheck.check_attention_grads(config.seed))
 
@@ -152,7 +153,7 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
         if start:
             _say(f"resumed from checkpoint at step {start}")
         _say(f"model: {config.num_layers} layers, d_model={config.d_model}, {config.num_heads} heads, "
-              f"{num_params:,} parameters")
+             f"{num_params:,} parameters")
         log = metrics.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start) if primary else None
         steps = train.jit_steps(config, graphdef, mesh)
         heldout_host = jax.tree.map(np.asarray, data.eval_batch(
@@ -222,6 +223,6 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
     }
     metrics.write_json(os.path.join(workdir, "summary.json"), summary)
     _say(f"done: seq_accuracy={summary['seq_accuracy']:.4f} on {config.num_eval_sequences} held-out "
-          f"sequences, final loss {summary['final_loss']:.3g}, {summary['wall_seconds']:.1f}s wall")
+         f"sequences, final loss {summary['final_loss']:.3g}, {summary['wall_seconds']:.1f}s wall")
     _say(f"wrote metrics.jsonl, summary.json, attention.png, grad_flow.png, checkpoints/ in {workdir}")
     return summary
