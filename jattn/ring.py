@@ -238,7 +238,7 @@ class _Queries(NamedTuple):
     q_len: jax.Array | None  # [B]
     kv_len: jax.Array | None  # [B]
     q_seg: jax.Array | None  # [B, Tl]
-    heads: jax.Array  # [B, K, G, 2] int32: global (batch row, query head) of each local head
+    heads: jax.Array | None = None  # [B, K, G, 2] int32: global (batch row, query head) of each local head
     consts: tuple = ()  # the arrays the score_mod closed over
 
 

@@ -295,14 +295,10 @@ def score_mod():
     """Ring attention with a score_mod (and mask_mod) on global batch rows, heads and positions
     vs flex_attention on one device, forward and gradients (q, k, v and the closed-over table)."""
     seq8 = jax.make_mesh((8,), ("s",))
-    grid = jax.make_mesh((2, 4), ("d", "s"))
-    heads = jax.make_mesh((4, 2), ("s", "h"))
+    cube = jax.make_mesh((2, 2, 2), ("d", "s", "h"))  # batch, sequence and heads all sharded
     r = {}
-    r["causal_zigzag_gqa_tiles"] = _flex_compare(seq8, 51, is_causal=True, block_sizes=(2, 2))
-    r["batch_axis_mask_mod_contiguous"] = _flex_compare(
-        grid, 52, axes=("d", None), layout="contiguous", mask_mod=_mod, block_sizes=(4, 2))
-    r["head_axis_causal_window"] = _flex_compare(heads, 53, axes=(None, "h"), is_causal=True, K=4,
-                                                 mask_mod=lambda b, h, qi, ki: qi - ki <= 9)
+    r["batch_and_head_axes_causal_zigzag_gqa_mask_mod_tiles"] = _flex_compare(
+        cube, 52, axes=("d", "h"), is_causal=True, mask_mod=_mod, block_sizes=(4, 2))
     r["skipped"] = _evaluated_tiles(seq8)
     return r
 
