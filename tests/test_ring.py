@@ -85,6 +85,40 @@ def test_ring_score_mod_on_global_indices_matches_flex_attention():
     assert skipped == [[i, i] for i in range(16)], skipped
 
 
+def test_ring_score_mod_after_soft_cap_hides_with_minus_inf_on_one_device():
+    """One device (no simulated devices needed): the score_mod sees the soft-capped score, a
+    ``-inf`` score hides the entry (a row hiding everything gives 0), and the gradients reach
+    q, k, v and the closed-over slopes; reference: flex_attention with the cap in its score_mod."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 12, 2, 5)).astype(np.float32) for _ in range(3))
+    slopes = np.asarray([0.3, -0.7], np.float32)
+
+    def mod(slopes):
+        def score_mod(s, b, h, qi, ki):
+            return jnp.where((qi == 3) | (ki == qi + 1), -jnp.inf, s - slopes[h] * jnp.abs(qi - ki))
+        return score_mod
+
+    def capped(slopes):
+        return lambda s, b, h, qi, ki: mod(slopes)(3.0 * jnp.tanh(s / 3.0), b, h, qi, ki)
+
+    def ring_loss(q, k, v, slopes):
+        out = jattn.sequence_parallel_attention(q, k, v, mesh=_one_device_mesh(), axis_name="s", logits_soft_cap=3.0,
+                                                score_mod=mod(slopes), block_sizes=(4, 3))
+        return jnp.sum(out * np.arange(5)), out
+
+    def ref_loss(q, k, v, slopes):
+        out = jattn.flex_attention(q, k, v, score_mod=capped(slopes))
+        return jnp.sum(out * np.arange(5)), out
+
+    (g_ring, out), (g_ref, ref) = (jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, slopes)
+                                   for f in (ring_loss, ref_loss))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out)[0, 3], 0.0)  # row 3 sees nothing
+    for a, b in zip(g_ring, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert np.abs(np.asarray(g_ring[3])).min() > 0  # the slopes do get gradients
+
+
 def test_memory_per_device_is_linear_in_the_local_length():
     m = _run_group("memory")
     print(json.dumps(m))
