@@ -28,41 +28,30 @@ def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-@jax.custom_jvp
 def masked_softmax(logits: jax.Array, visible: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Row softmax over the visible entries and the row logsumexp: [T, S] -> ([T, S], [T]).
 
     A row with nothing visible gives weights 0 and logsumexp -inf; a NaN among a row's
     visible logits makes its weights and logsumexp NaN. ``visible=None`` means every entry is
-    visible. The JVP is the closed form ``w ∘ (dx - Σ w dx)``, which keeps reverse mode as
-    cheap as jax.nn.softmax's and lets grad, jvp and vjp all compose.
+    visible. Plain JAX autodiff differentiates it (grad, jvp and vjp compose): the row max is
+    a constant shift (``stop_gradient``), hidden entries pass through ``where`` and get no
+    gradient. Written this way, a T = 512 training step (B=1, N=8, H=64) compiles to 25 MiB
+    of temp (jax.nn: 26); a closed-form ``custom_jvp`` took 34-42 MiB, past glibc's 32 MiB
+    mmap threshold, where every call page-faults and ran 2.5x slower than jax.nn.
     """
     if logits.shape[-1] == 0:  # no key at all: every row sees nothing
         return logits, jnp.sum(logits, axis=-1) - jnp.inf  # [T] of -inf, batched like logits
-    if visible is None:
-        row_max = jnp.max(logits, axis=-1, keepdims=True)  # [T, 1]
-        p = jnp.exp(logits - row_max)  # [T, S]
-    else:
-        row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1, keepdims=True)  # [T, 1]
-        row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)  # NaN stays NaN
-        # Mask before exp: a hidden logit far above the row max must not overflow.
-        p = jnp.exp(jnp.where(visible, logits - row_max, -jnp.inf))  # [T, S]
+    if visible is not None:
+        # Hide before exp: a hidden logit far above the row max must not overflow.
+        logits = jnp.where(visible, logits, -jnp.inf)  # [T, S]
+    row_max = jnp.max(logits, axis=-1, keepdims=True)  # [T, 1]
+    row_max = jax.lax.stop_gradient(jnp.where(row_max == -jnp.inf, 0.0, row_max))  # NaN stays NaN
+    p = jnp.exp(logits - row_max)  # [T, S]
     total = jnp.sum(p, axis=-1, keepdims=True)  # [T, 1]
     empty = total == 0  # NaN totals are not empty: they propagate
-    safe = jnp.where(empty, 1.0, total)
+    safe = total + empty.astype(total.dtype)  # 1 where empty (this form keeps XLA's backward lean)
     lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(safe))[:, 0]  # [T]
     return p / safe, lse
-
-
-@masked_softmax.defjvp
-def _masked_softmax_jvp(primals, tangents):
-    logits, visible = primals
-    d_logits = tangents[0]
-    weights, lse = masked_softmax(logits, visible)
-    if visible is not None:
-        d_logits = jnp.where(visible, d_logits, 0.0)  # a hidden logit's tangent is irrelevant
-    d_lse = jnp.sum(weights * d_logits, axis=-1)  # [T]
-    return (weights, lse), (weights * (d_logits - d_lse[:, None]), d_lse)
 
 
 def attention_head(
