@@ -31,3 +31,13 @@ def rows_seeing(bad_keys: jax.Array, visible: jax.Array | None, T: int) -> jax.A
     if visible is None:
         return jnp.broadcast_to(jnp.any(bad_keys), (T,))
     return jnp.any(visible & bad_keys[None, :], axis=-1)  # [T]
+
+
+def with_nan_rows(out: jax.Array, lse: jax.Array) -> jax.Array:
+    """out [T, d_v], lse [T] -> out with NaN in every row whose logsumexp is NaN.
+
+    A row's logsumexp is NaN exactly when it saw a NaN logit (max propagates NaN); its
+    weights need not be: XLA's CPU ``exp`` may turn NaN into a finite value inside a fused
+    softmax, so the output row is poisoned from the logsumexp, not trusted to carry it.
+    """
+    return out + nan_at(jnp.isnan(lse), out.dtype)[:, None]

@@ -24,6 +24,10 @@ API (stable):
 - ``forward_block(carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, structure_tile, scale, cap)
   -> carry``: folds one key block into the state. Visiting the key blocks of a row in any
   order gives the same result up to rounding; blocks that a row cannot see may be skipped.
+- ``fold(carry, logits, visible, v_blk, v_bad) -> carry`` and ``logit_grads(logits, visible,
+  v_blk, do_blk, lse_blk, delta_blk) -> (dlogits, dv)``: the online-softmax step and the
+  backward of one tile from logits the caller computed (the block-sparse flex kernel applies
+  its ``score_mod`` first); ``forward_block`` / ``backward_block`` are built on them.
 - ``finalize(carry) -> (out [tq, d_v], lse [tq])``: ``out = acc / l``; a row that saw no key
   gives ``out = 0`` and ``lse = -inf``; a row that saw a NaN logit gives NaN for both.
 - ``backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, mask_tile,
@@ -96,10 +100,18 @@ def init_carry_like(q_blk, d_v: int) -> Carry:
 def forward_block(carry: Carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, structure_tile,
                   scale: float, cap: float | None) -> Carry:
     """One online-softmax step: rescale the running state to the new row max, add this block."""
-    m, l, acc = carry
     if k_blk.shape[0] == 0:  # an empty key block changes nothing
         return carry
     logits, visible = tile_logits(q_blk, k_blk, bias_tile, mask_tile, structure_tile, scale, cap)
+    v_blk, v_bad = _finite.split(v_blk)  # a hidden non-finite value must not meet its weight 0
+    return fold(carry, logits, visible, v_blk, v_bad)
+
+
+def fold(carry: Carry, logits, visible, v_blk, v_bad) -> Carry:
+    """Fold one tile's logits [tq, tk] (entries where ``visible`` is False are hidden; None: all
+    visible) and finite value rows ``v_blk [tk, d_v]`` into the state; rows that see a key of
+    ``v_bad [tk]`` (non-finite values, see ``_finite.split``) become NaN."""
+    m, l, acc = carry
     if visible is not None:
         logits = jnp.where(visible, logits, -jnp.inf)  # [tq, tk]
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [tq]
@@ -107,7 +119,6 @@ def forward_block(carry: Carry, q_blk, k_blk, v_blk, bias_tile, mask_tile, struc
     p = jnp.exp(logits - m_safe[:, None])  # [tq, tk]; exactly 0 where hidden
     alpha = jnp.exp(m - m_safe)  # [tq]; 0 while m is still -inf
     l = alpha * l + jnp.sum(p, axis=-1)
-    v_blk, v_bad = _finite.split(v_blk)  # a hidden non-finite value must not meet its weight 0
     acc = alpha[:, None] * acc + jnp.einsum("qk,kd->qd", p, v_blk)  # [tq, d_v]
     acc = acc + _finite.nan_at(_finite.rows_seeing(v_bad, visible, p.shape[0]), acc.dtype)[:, None]
     return m_new, l, acc
@@ -130,6 +141,17 @@ def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, m
     v_blk, _ = _finite.split(v_blk)
     scores, t = _capped_scores(q_blk, k_blk, q_bad, k_bad, scale, cap)
     logits, visible = _logits_and_visibility(scores, bias_tile, mask_tile, structure_tile)
+    ds, dv = logit_grads(logits, visible, v_blk, do_blk, lse_blk, delta_blk)
+    dbias = None if bias_tile is None else ds
+    d_raw = ds * scale if t is None else ds * (scale * (1.0 - t * t))  # through soft cap and scale
+    dq = jnp.einsum("qk,kd->qd", d_raw, k_blk)  # [tq, d_k]
+    dk = jnp.einsum("qk,qd->kd", d_raw, q_blk)  # [tk, d_k]
+    return dq, dk, dv, dbias
+
+
+def logit_grads(logits, visible, v_blk, do_blk, lse_blk, delta_blk):
+    """(dlogits [tq, tk], dv [tk, d_v]) of one tile from its logits and visibility (as ``fold``
+    takes them), finite value rows, ``do_blk [tq, d_v]``, ``lse_blk``, ``delta_blk [tq]``."""
     # A row with lse = -inf saw no key: subtracting +inf makes its P exactly 0.
     lse_safe = jnp.where(lse_blk == -jnp.inf, jnp.inf, lse_blk)  # [tq]; a NaN lse stays NaN
     shifted = logits - lse_safe[:, None]  # [tq, tk]
@@ -141,8 +163,4 @@ def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, bias_tile, m
     ds = p * (dp - delta_blk[:, None])  # [tq, tk]: gradient of the logits
     if visible is not None:
         ds = jnp.where(visible, ds, 0.0)  # a NaN delta (the row saw a NaN) stays off hidden keys
-    dbias = None if bias_tile is None else ds
-    d_raw = ds * scale if t is None else ds * (scale * (1.0 - t * t))  # through soft cap and scale
-    dq = jnp.einsum("qk,kd->qd", d_raw, k_blk)  # [tq, d_k]
-    dk = jnp.einsum("qk,qd->kd", d_raw, q_blk)  # [tk, d_k]
-    return dq, dk, dv, dbias
+    return ds, dv

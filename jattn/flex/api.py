@@ -11,7 +11,6 @@ heads and the batch, as in ``jattn.dot_product_attention``. The mods receive glo
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -19,10 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from jattn import _checks
-from jattn.flex import convert
+from jattn.flex import convert, lift
 from jattn.flex.block_mask import BlockMask, create_block_mask
-from jattn.flex.dense import dense_head
-from jattn.flex.kernel import Inputs, Rows, Static, flex_head
+from jattn.flex.kernel import Rows, Static
 
 IMPLEMENTATIONS = (None, "xla", "chunked")
 
@@ -37,14 +35,6 @@ def default_block_size(T: int, S: int) -> tuple[int, int]:
     return min(512 if T >= 1024 else 256, T), min(256, S)
 
 
-def _check_inputs(query, key, value):
-    """Shapes/dtypes of q, k, v; returns (batch_shape, T, N, H, S, K, Hv)."""
-    batch_shape, T, N, H, S, K, Hv = _checks.qkv(query, key, value, heads="kv heads")
-    if T == 0 or S == 0:
-        raise ValueError(f"query, key: expected T >= 1 and S >= 1, got T={T}, S={S}")
-    return batch_shape, T, N, H, S, K, Hv
-
-
 def _check_block_mask(bm, B: int, N: int, T: int, S: int):
     if not isinstance(bm, BlockMask):
         raise TypeError(f"block_mask: expected a jattn.BlockMask (from create_block_mask), got {type(bm).__name__}")
@@ -56,50 +46,15 @@ def _check_block_mask(bm, B: int, N: int, T: int, S: int):
         )
 
 
-def _rows_split(x, K: int, G: int):
-    """[Bm, Nm, ...] -> ([Bm|squeezed, Km, Gm, ...] array, vmap axes for (B, K, G))."""
-    Bm, Nm = x.shape[:2]
-    heads = (K, G) if Nm > 1 else (1, 1)
-    x = jnp.reshape(x, (Bm,) + heads + x.shape[2:])  # [Bm, Km, Gm, ...]
-    axes = tuple(0 if d > 1 else None for d in x.shape[:3])
-    return jnp.squeeze(x, tuple(i for i, ax in enumerate(axes) if ax is None)), axes
+_chunked = jax.jit(lift.chunked, static_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _dense(mods, scale, q, k, v, s_consts, m_consts):
-    """q [B, T, K, G, H], k [B, S, K, H], v [B, S, K, Hv] -> (out [B, T, K, G, Hv], lse [B, T, K, G])."""
-    B, _, K, G, _ = q.shape
-
-    def one_head(q, k, v, b, h):
-        return dense_head(q, k, v, b, h, *mods, s_consts, m_consts, scale)
-
-    over_g = jax.vmap(one_head, in_axes=(1, None, None, None, 0), out_axes=(1, 1))
-    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, None, 0), out_axes=(1, 1))
-    over_b = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None))
-    return over_b(q, k, v, jnp.arange(B, dtype=jnp.int32), jnp.arange(K * G, dtype=jnp.int32).reshape(K, G))
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _chunked(st: Static, q, k, v, s_consts, m_consts, rows: Rows):
-    """Like ``_dense``, block-sparse; ``rows`` holds the BlockMask arrays [Bm, Nm, ...]."""
-    B, T, K, G, _ = q.shape
-    S = k.shape[1]
-    Tp, Sp = -(-T // st.bq) * st.bq, -(-S // st.bk) * st.bk
-    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))  # [B, Tp, K, G, H]
-    k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))  # [B, Sp, K, H]
-    v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))  # [B, Sp, K, Hv]
-    split = [_rows_split(x, K, G) for x in rows]
-    rows = Rows(*(x for x, _ in split))
-    rb, rk, rg = (Rows(*(axes[n] for _, axes in split)) for n in range(3))
-
-    def one_head(q, k, v, b, h, r):
-        return flex_head(st, Inputs(q, k, v, b, h, s_consts, m_consts), r)
-
-    over_g = jax.vmap(one_head, in_axes=(1, None, None, None, 0, rg), out_axes=(1, 1))
-    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, None, 0, rk), out_axes=(1, 1))
-    over_b = jax.vmap(over_k, in_axes=(0, 0, 0, 0, None, rb))
-    out, lse = over_b(q, k, v, jnp.arange(B, dtype=jnp.int32), jnp.arange(K * G, dtype=jnp.int32).reshape(K, G), rows)
-    return out[:, :T], lse[:, :T]  # [B, T, K, G, Hv], [B, T, K, G]
+def _empty(query, batch_shape, T, N, Hv, S, dt, return_residual):
+    """The result of a call with an empty batch, query or key axis: zeros (lse -inf where S = 0)."""
+    out = jnp.zeros(batch_shape + (T, N, Hv), query.dtype)  # [*B, T, N, Hv]
+    if not return_residual:
+        return out
+    return out, jnp.full(batch_shape + (T, N), -jnp.inf, jnp.promote_types(dt, jnp.float32))  # [*B, T, N]
 
 
 def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask_mod: Callable | None = None,
@@ -129,7 +84,7 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
     A row that sees no key returns 0 with zero gradients. Softmax runs in fp32 (float64 for
     float64 inputs). NaN in q/k/v or a NaN score is not hidden: it reaches the rows that see it.
     """
-    batch_shape, T, N, H, S, K, Hv = _check_inputs(query, key, value)
+    batch_shape, T, N, H, S, K, Hv = _checks.qkv(query, key, value, heads="kv heads")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
     if block_mask is not None and mask_mod is not None and mask_mod is not block_mask.mask_mod:
@@ -139,7 +94,7 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
     if block_mask is not None:
         _check_block_mask(block_mask, B, N, T, S)
         mask_mod = block_mask.mask_mod
-    scale = 1.0 / H**0.5 if scale is None else _checks.concrete_number("scale", scale)
+    scale = _checks.default_scale(H) if scale is None else _checks.concrete_number("scale", scale)
     dt = jnp.promote_types(_checks.dtype_of("query", query), jnp.float32)
     smod = None if score_mod is None else convert.convert("score_mod", score_mod, dt)
     mmod = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
@@ -152,6 +107,8 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
                     f"{'B' if name == 'b' else 'N'}=None (broadcast); pass {size} to create_block_mask"
                 )
 
+    if min(B, T, S) == 0:  # nothing to compute: a row that sees no key is 0
+        return _empty(query, batch_shape, T, N, Hv, S, dt, return_residual)
     q = jnp.reshape(query, (B, T, K, G, H)).astype(dt)  # [B, T, K, G, H]
     k = jnp.reshape(key, (B, S, K, H)).astype(dt)  # [B, S, K, H]
     v = jnp.reshape(value, (B, S, K, Hv)).astype(dt)  # [B, S, K, Hv]
@@ -159,7 +116,7 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
     m_consts = () if mmod is None else mmod.consts
     closed = tuple(None if m is None else m._replace(consts=()) for m in (smod, mmod))
     if implementation == "xla":
-        out, lse = _dense(closed, scale, q, k, v, s_consts, m_consts)
+        out, lse = lift.dense(closed, scale, q, k, v, s_consts, m_consts)
     else:
         if block_mask is None:
             block_mask = create_block_mask(
@@ -173,7 +130,7 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
             block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
             block_mask.full_q_num_blocks, block_mask.full_q_indices,
         )
-        out, lse = _chunked(st, q, k, v, s_consts, m_consts, rows)
+        out, lse = _chunked(st, q, k, v, None, None, s_consts, m_consts, rows)
     out = jnp.reshape(out.astype(query.dtype), batch_shape + (T, N, Hv))  # [*B, T, N, Hv]
     if return_residual:
         res = jnp.reshape(lse.astype(jnp.promote_types(dt, jnp.float32)), batch_shape + (T, N))  # [*B, T, N]

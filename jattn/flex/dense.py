@@ -4,14 +4,15 @@ Shape glossary: T query length, S key length, d_k key head dim, d_v value head d
 
 Evaluates ``score_mod`` and ``mask_mod`` on the whole [T, S] grid of one head and runs
 jattn's masked softmax. Quadratic in memory; differentiable by plain autodiff (also in the
-mods' closed-over arrays, and forward mode).
+mods' closed-over arrays, and forward mode). Non-finite q/k/v rows follow ``jattn._finite``
+exactly as the block-sparse kernel does: NaN reaches the rows that see them, and only those.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from jattn import _finite
 from jattn.attention import masked_softmax
 from jattn.flex import convert
 
@@ -20,6 +21,7 @@ def dense_head(q, k, v, b, h, score_mod: convert.Converted | None, mask_mod: con
                score_consts, mask_consts, scale: float):
     """One head: q [T, d_k], k [S, d_k], v [S, d_v], b/h int32 scalars -> (out [T, d_v], lse [T])."""
     T, S = q.shape[0], k.shape[0]
+    (q, q_bad), (k, k_bad), (v, v_bad) = _finite.split(q), _finite.split(k), _finite.split(v)
     q_ids, kv_ids = jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32)
     logits = jnp.einsum("td,sd->ts", q, k) * scale  # [T, S]
     parts = []
@@ -31,5 +33,9 @@ def dense_head(q, k, v, b, h, score_mod: convert.Converted | None, mask_mod: con
     visible = None
     for part in parts:
         visible = part if visible is None else visible & part
+    # NaN of a non-finite query/key row, added after score_mod so that no mod can drop it.
+    logits = logits + _finite.nan_at(q_bad, logits.dtype)[:, None] + _finite.nan_at(k_bad, logits.dtype)[None, :]
     weights, lse = masked_softmax(logits, visible)  # [T, S], [T]
-    return jnp.einsum("ts,sd->td", weights, v), lse  # [T, d_v], [T]
+    out = jnp.einsum("ts,sd->td", weights, v)  # [T, d_v]
+    out = out * (1 + _finite.nan_at(_finite.rows_seeing(v_bad, visible, T), out.dtype))[:, None]
+    return _finite.with_nan_rows(out, lse), lse  # [T, d_v], [T]
