@@ -4,12 +4,14 @@ Shape glossary: tq query rows of a tile, tk key columns of a tile, d_k query/key
 d_v value head dim.
 
 ``score(s [tq, tk], consts) -> [tq, tk]`` is a ``score_mod`` already bound to the tile's
-batch row, head and global positions (``jattn.flex.convert.on_tile``); ``consts`` are the
-arrays it closed over. The logits are ``score(soft_cap(q kᵀ · scale))``; a ``-inf`` score
-hides an entry like the mask, a NaN stays visible and propagates. The backward step returns
-the gradients of the floating ``consts`` too (``None`` for integer ones), so that a score_mod
-can be trained through ring attention. Non-finite q/k/v rows are handled as in
-``jattn.blockwise`` (``jattn._finite``): a hidden one never reaches a row that does not see it.
+batch row, head and global positions (``on_tile`` below); ``consts`` are the arrays it
+closed over. The logits are ``score(soft_cap(q kᵀ · scale))``; a ``-inf`` score hides an entry
+like the mask, a NaN stays visible and propagates. The backward step returns the gradients of
+the floating ``consts`` too (``None`` for integer ones), so that a score_mod can be trained
+through ring attention. Non-finite q/k/v rows are handled as in ``jattn.blockwise`` and
+``jattn.flex`` (``jattn._finite``): only finite rows are multiplied, and NaN is put back
+after the score_mod (so no mod can turn it into a number) where a row sees a bad one; an
+entry hidden by the mask or by a ``-inf`` score never reaches a row.
 
 ``on_tile`` evaluates a mod converted by ``jattn.flex.convert`` (a jaxpr traced on plain
 scalars) inside ``jax.shard_map``, where the score and indices vary over mesh axes: every
@@ -70,52 +72,42 @@ def on_tile(mod, consts, score, b, h, q_idx, kv_idx):
     return jax.vmap(over_k, in_axes=(0, None, None, 0, None))(score, b, h, q_idx, kv_idx)  # [tq, tk]
 
 
-def _logits(q_blk, k_blk, mask_tile, score, consts, scale: float, cap: float | None):
-    """(capped scores [tq, tk], logits [tq, tk], visible [tq, tk] | None)."""
-    capped, visible = blockwise.tile_logits(q_blk, k_blk, None, mask_tile, None, scale, cap)
-    logits = score(capped, consts).astype(capped.dtype)
-    return capped, logits, combine_masks(visible, logits != -jnp.inf)
+def _logits(q_fin, k_fin, q_bad, k_bad, mask_tile, score, consts, scale: float, cap: float | None):
+    """(capped scores [tq, tk], the score function's VJP, logits [tq, tk], visible [tq, tk]) of
+    finite rows ``q_fin``/``k_fin``; NaN is put back for the bad rows after the score_mod, so
+    that no mod can hide it (``jattn._finite``)."""
+    capped, _ = blockwise.tile_logits(q_fin, k_fin, None, None, None, scale, cap)  # finite: no NaN
+    floating = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
+
+    def scored(capped, float_consts):
+        it = iter(float_consts)
+        return score(capped, tuple(next(it) if f else c for c, f in zip(consts, floating))).astype(capped.dtype)
+
+    logits, score_vjp = jax.vjp(scored, capped, tuple(c for c, f in zip(consts, floating) if f))
+    visible = combine_masks(mask_tile, logits != -jnp.inf)  # the score_mod may hide a bad row's entry
+    logits = logits + _finite.nan_at(q_bad, logits.dtype)[:, None] + _finite.nan_at(k_bad, logits.dtype)[None, :]
+    return capped, score_vjp, logits, visible
 
 
 def forward_block(carry, q_blk, k_blk, v_blk, mask_tile, score, consts, scale: float, cap: float | None):
     """``blockwise.forward_block`` with ``score`` applied to the (soft-capped) scores."""
-    m, l, acc = carry  # [tq], [tq], [tq, d_v]
-    _, logits, visible = _logits(q_blk, k_blk, mask_tile, score, consts, scale, cap)
-    logits = jnp.where(visible, logits, -jnp.inf)  # [tq, tk]
-    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [tq]; NaN stays NaN
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(logits - m_safe[:, None])  # [tq, tk]; 0 where hidden
-    alpha = jnp.exp(m - m_safe)  # [tq]
-    v_blk, v_bad = _finite.split(v_blk)
-    acc = alpha[:, None] * acc + jnp.einsum("qk,kd->qd", p, v_blk)  # [tq, d_v]
-    acc = acc + _finite.nan_at(_finite.rows_seeing(v_bad, visible, p.shape[0]), acc.dtype)[:, None]
-    return m_new, alpha * l + jnp.sum(p, axis=-1), acc
+    (q_fin, q_bad), (k_fin, k_bad) = _finite.split(q_blk), _finite.split(k_blk)
+    _, _, logits, visible = _logits(q_fin, k_fin, q_bad, k_bad, mask_tile, score, consts, scale, cap)
+    v_fin, v_bad = _finite.split(v_blk)
+    return blockwise.fold(carry, logits, visible, v_fin, v_bad)
 
 
 def backward_block(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, mask_tile, score, consts,
                    scale: float, cap: float | None):
     """FlashAttention-2 backward of one scored tile: (dq [tq, d_k], dk [tk, d_k], dv [tk, d_v],
     d_consts: one gradient per const, None for integer consts)."""
-    floating = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
-
-    def scored(capped, float_consts):
-        it = iter(float_consts)
-        return score(capped, tuple(next(it) if f else c for c, f in zip(consts, floating)))
-
-    capped, visible = blockwise.tile_logits(q_blk, k_blk, None, mask_tile, None, scale, cap)
-    float_consts = tuple(c for c, f in zip(consts, floating) if f)
-    logits, score_vjp = jax.vjp(scored, capped, float_consts)
-    logits = logits.astype(capped.dtype)
-    visible = combine_masks(visible, logits != -jnp.inf)
-    lse_safe = jnp.where(lse_blk == -jnp.inf, jnp.inf, lse_blk)  # [tq]; a row that saw nothing: P = 0
-    p = jnp.exp(jnp.where(visible, logits - lse_safe[:, None], -jnp.inf))  # [tq, tk]
-    (q_fin, _), (k_fin, _), (v_fin, _) = _finite.split(q_blk), _finite.split(k_blk), _finite.split(v_blk)
-    dv = jnp.einsum("qk,qd->kd", p, do_blk)  # [tk, d_v]
-    dp = jnp.einsum("qd,kd->qk", do_blk, v_fin)  # [tq, tk]
-    ds = jnp.where(visible, p * (dp - delta_blk[:, None]), 0.0)  # [tq, tk]: gradient of the logits
-    d_capped, d_float = score_vjp(ds.astype(logits.dtype))
+    (q_fin, q_bad), (k_fin, k_bad) = _finite.split(q_blk), _finite.split(k_blk)
+    capped, score_vjp, logits, visible = _logits(q_fin, k_fin, q_bad, k_bad, mask_tile, score, consts, scale, cap)
+    ds, dv = blockwise.logit_grads(logits, visible, _finite.split(v_blk)[0], do_blk, lse_blk, delta_blk)
+    d_capped, d_float = score_vjp(ds)
     d_raw = d_capped * scale if cap is None else d_capped * (scale * (1.0 - (capped / cap) ** 2))
     dq = jnp.einsum("qk,kd->qd", d_raw, k_fin)  # [tq, d_k]
     dk = jnp.einsum("qk,qd->kd", d_raw, q_fin)  # [tk, d_k]
     it = iter(d_float)
+    floating = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
     return dq, dk, dv, tuple(next(it) if f else None for f in floating)

@@ -110,13 +110,19 @@ def test_ring_score_mod_after_soft_cap_hides_with_minus_inf_on_one_device():
         out = jattn.flex_attention(q, k, v, score_mod=capped(slopes))
         return jnp.sum(out * np.arange(5)), out
 
-    (g_ring, out), (g_ref, ref) = (jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, slopes)
-                                   for f in (ring_loss, ref_loss))
+    ring_fn, ref_fn = (jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)) for f in (ring_loss, ref_loss))
+    (g_ring, out), (g_ref, ref) = ring_fn(q, k, v, slopes), ref_fn(q, k, v, slopes)
     np.testing.assert_allclose(out, ref, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out)[0, 3], 0.0)  # row 3 sees nothing
     for a, b in zip(g_ring, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-4)
     assert np.abs(np.asarray(g_ring[3])).min() > 0  # the slopes do get gradients
+    # A NaN key row reaches exactly the rows that see it, after the score_mod (as in flex_attention).
+    k[0, 6, 0, 2] = np.nan
+    (_, out), (_, ref) = ring_fn(q, k, v, slopes), ref_fn(q, k, v, slopes)
+    np.testing.assert_allclose(out, ref, atol=1e-5)  # NaN where ref is NaN, equal elsewhere
+    nan = np.isnan(np.asarray(out))[0, :, :, 0]  # [T, N]: key 6 of kv head 0 is bad
+    assert not nan[:, 1].any() and np.flatnonzero(~nan[:, 0]).tolist() == [3, 5]  # 3, 5: hidden by the mod
 
 
 def test_memory_per_device_is_linear_in_the_local_length():
