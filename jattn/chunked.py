@@ -1,20 +1,19 @@
-"""``implementation='chunked'``: memory-linear flash attention for one head, in pure JAX.
+"""``implementation='chunked'``: ``dot_product_attention``'s built-ins as mods over the flex loop.
 
-Shape glossary: T query length, S key length, Tp/Sp the lengths padded to block multiples,
-bq/bk query/key block sizes, nq = Tp/bq, nk = Sp/bk, d_k key head dim, d_v value head dim.
+Shape glossary: B batch (flattened), T query length, S key length, K kv heads, G query heads
+per kv head, H key head dim, Hv value head dim, bq/bk query/key block sizes, nq = ceil(T/bq),
+nk = ceil(S/bk) blocks.
 
-Forward: for each query block, an online softmax over the key blocks it can see
-(``blockwise.forward_block``), normalised once; saves ``out`` and the row logsumexp.
-Backward (FlashAttention-2): for each key block, loop over the query blocks that see it,
-recompute P = exp(logits - lse) tile by tile and accumulate dK, dV (per key block) and
-dQ, dbias (in carries), with ``delta = rowsum(dO ∘ O)``. Nothing of size T×S exists unless
-the caller passes a [T, S] mask or bias.
+There is one block-sparse flash-attention loop in jattn, ``jattn.flex.kernel``; this module
+only translates the built-in features into its terms:
 
-Block skipping: which blocks a row range can see, and which of those need no causal/window
-mask at all, follows from the static config and the block index alone, so the loop bounds
-stay scalars (unbatched) under ``jax.vmap`` and skipped blocks cost nothing. Each range is a
-``fori_loop``: masked blocks before the fully-visible run, the fully-visible run (no
-causal/window mask evaluated), masked blocks after it.
+- ``is_causal`` (both alignments), ``local_window_size``, lengths and segment ids become one
+  ``mask_mod`` (``jattn.flex.mods``), ``logits_soft_cap`` the ``soft_cap`` score_mod;
+- static patterns (causal, window) get their ``BlockMask`` analytically (``static_block_flags``:
+  NumPy at trace time, no mask evaluation); data-dependent ones (lengths, segments) get it
+  from the jittable ``create_block_mask``, per batch row, so that under ``vmap`` the loops run
+  the largest count of visible blocks, never all blocks;
+- the dense ``mask`` and ``bias`` arrays enter the loop tile by tile.
 
 Not supported here (``jattn.dispatch`` falls back to ``'xla'``): returned weights and dropout.
 Forward-mode autodiff (jvp) is not supported: ``dot_product_attention`` turns JAX's
@@ -23,27 +22,12 @@ Forward-mode autodiff (jvp) is not supported: ``dot_product_attention`` turns JA
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jattn import blockwise
-from jattn.masks import StructuredMask
-
-
-class _Static(NamedTuple):
-    T: int
-    S: int
-    bq: int
-    bk: int
-    scale: float
-    cap: float | None
-    is_causal: bool
-    offset: int
-    window: tuple[int, int] | None
-
+from jattn.flex import convert, lift, mods
+from jattn.flex.block_mask import create_block_mask
+from jattn.flex.kernel import Rows, Static
 
 # Measured on a 2-core CPU (fp32, N=8, H=64): 512-row query blocks cut the forward time by
 # 30-45% from T=1024 on; for shorter queries 256 rows keep the backward fastest.
@@ -58,225 +42,93 @@ def block_sizes_for(T: int, S: int, block_sizes: tuple[int, int] | None) -> tupl
     return min(bq, T), min(bk, S)
 
 
-def _ceil_div(a, b):
-    return -(-a // b)
+def static_block_flags(T: int, S: int, bq: int, bk: int, is_causal: bool, offset: int,
+                       window: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(partial, full) bool [nq, nk] of the causal/window pattern, from block corners alone.
 
-
-# ----------------------------------------------------------------------------------------
-# Which blocks to visit. All positions are key positions: query row r sits at r + offset.
-# Every function returns jnp scalars (lo, full_lo, full_hi, hi): visit [lo, hi), and inside
-# it [full_lo, full_hi) needs no causal/window/padding mask.
-# ----------------------------------------------------------------------------------------
-
-
-def _clip_ranges(lo, full_lo, full_hi, hi):
-    full_lo = jnp.clip(full_lo, lo, hi)
-    full_hi = jnp.clip(full_hi, full_lo, hi)
-    return lo, full_lo, full_hi, hi
-
-
-def _kv_blocks_of(st: _Static, i):
-    """Key blocks that query block ``i`` must visit."""
-    r0 = i * st.bq
-    p0 = r0 + st.offset  # first row's position
-    p1 = jnp.minimum(r0 + st.bq, st.T) - 1 + st.offset  # last real row's position
-    p1_padded = r0 + st.bq - 1 + st.offset  # last row of the block, padding included
-    up = 0 if st.is_causal else (st.window[1] if st.window is not None else None)
-    k_min = 0 if st.window is None else jnp.maximum(p0 - st.window[0], 0)
-    k_max = st.S - 1 if up is None else jnp.minimum(p1 + up, st.S - 1)
-    lo = k_min // st.bk
-    hi = jnp.maximum(k_max // st.bk + 1, lo)
-    # A block is fully visible iff its first key passes every row's lower bound and its last
-    # key passes every row's upper bound (and it holds no padded key).
-    full_lo = 0 if st.window is None else _ceil_div(p1_padded - st.window[0], st.bk)
-    upper = st.S - 1 if up is None else jnp.minimum(p0 + up, st.S - 1)
-    full_hi = (upper + 1) // st.bk
-    return _clip_ranges(lo, full_lo, full_hi, hi)
-
-
-def _q_blocks_of(st: _Static, j):
-    """Query blocks that see key block ``j``."""
-    c0 = j * st.bk
-    c1 = jnp.minimum(c0 + st.bk, st.S) - 1  # last real key
-    up = 0 if st.is_causal else (st.window[1] if st.window is not None else None)
-    # Row r sees key c iff r + offset + up >= c and (window) r + offset - left <= c.
-    r_min = 0 if up is None else jnp.maximum(c0 - up - st.offset, 0)
-    r_max = st.T - 1 if st.window is None else jnp.minimum(c1 + st.window[0] - st.offset, st.T - 1)
-    lo = r_min // st.bq
-    hi = jnp.maximum(r_max // st.bq + 1, lo)
-    full_lo = 0 if up is None else _ceil_div(c0 + st.bk - 1 - up - st.offset, st.bq)
-    full_hi = (
-        st.T // st.bq + 1 if st.window is None
-        else (c0 + st.window[0] - st.offset - st.bq + 1) // st.bq + 1
-    )
-    full_hi = jnp.where(c0 + st.bk <= st.S, full_hi, full_lo)  # padded keys need the mask
-    return _clip_ranges(lo, full_lo, full_hi, hi)
-
-
-def _three_loops(ranges, body, carry):
-    """Run ``body(index, carry, masked)`` over the masked, fully visible, masked ranges."""
-    lo, full_lo, full_hi, hi = ranges
-    carry = jax.lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
-    carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
-    return jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
-
-
-# ----------------------------------------------------------------------------------------
-# Tiles.
-# ----------------------------------------------------------------------------------------
-
-
-class _Inputs(NamedTuple):
-    """Padded fp32 inputs of one head. Lengths and segment ids are unpadded (or None)."""
-
-    q: jax.Array  # [Tp, d_k]
-    k: jax.Array  # [Sp, d_k]
-    v: jax.Array  # [Sp, d_v]
-    mask: jax.Array | None  # [Tp, Sp] bool
-    bias: jax.Array | None  # [Tp, Sp]
-    q_length: jax.Array | None  # []
-    kv_length: jax.Array | None  # []
-    q_segment_ids: jax.Array | None  # [T]
-    kv_segment_ids: jax.Array | None  # [S]
-
-
-def _slice_rows(x, i, b):
-    return jax.lax.dynamic_slice_in_dim(x, i * b, b, axis=0)
-
-
-def _tile_masks(st: _Static, a: _Inputs, i, j, masked: bool):
-    """(bias tile, mask tile, structure tile) of tile (i, j); ``masked`` adds causal/window/padding."""
-    corner = (i * st.bq, j * st.bk)
-    size = (st.bq, st.bk)
-    bias = None if a.bias is None else jax.lax.dynamic_slice(a.bias, corner, size)  # [bq, bk]
-    mask = None if a.mask is None else jax.lax.dynamic_slice(a.mask, corner, size)  # [bq, bk]
-    structure = StructuredMask(
-        is_causal=st.is_causal and masked,
-        offset=st.offset,
-        window=st.window if masked else None,
-        q_length=a.q_length,
-        kv_length=a.kv_length,
-        q_segment_ids=a.q_segment_ids,
-        kv_segment_ids=a.kv_segment_ids,
-    )
-    q_idx = corner[0] + jnp.arange(st.bq)  # [bq]
-    k_idx = corner[1] + jnp.arange(st.bk)  # [bk]
-    tile = structure.tile(q_idx, k_idx)
-    if masked and a.k.shape[0] != st.S:
-        real_keys = jnp.broadcast_to(k_idx < st.S, size)  # [bq, bk]
-        tile = real_keys if tile is None else tile & real_keys
-    return bias, mask, tile
-
-
-# ----------------------------------------------------------------------------------------
-# Forward and backward over all tiles.
-# ----------------------------------------------------------------------------------------
-
-
-def _forward(st: _Static, a: _Inputs):
-    nq = a.q.shape[0] // st.bq
-    d_v = a.v.shape[1]
-
-    def q_block(i):
-        q_blk = _slice_rows(a.q, i, st.bq)  # [bq, d_k]
-
-        def step(j, carry, masked):
-            k_blk = _slice_rows(a.k, j, st.bk)  # [bk, d_k]
-            v_blk = _slice_rows(a.v, j, st.bk)  # [bk, d_v]
-            tiles = _tile_masks(st, a, i, j, masked)
-            return blockwise.forward_block(carry, q_blk, k_blk, v_blk, *tiles, st.scale, st.cap)
-
-        carry = _three_loops(_kv_blocks_of(st, i), step, blockwise.init_carry_like(q_blk, d_v))
-        return blockwise.finalize(carry)
-
-    out, lse = jax.lax.map(q_block, jnp.arange(nq))  # [nq, bq, d_v], [nq, bq]
-    return out.reshape(nq * st.bq, d_v), lse.reshape(nq * st.bq)  # [Tp, d_v], [Tp]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, a: _Inputs):
-    return _forward(st, a)
-
-
-def _flash_fwd(st: _Static, a: _Inputs):
-    out, lse = _forward(st, a)
-    return (out, lse), (a, out, lse)
-
-
-def _flash_bwd(st: _Static, res, cotangents):
-    a, out, lse = res
-    d_out, d_lse = cotangents  # [Tp, d_v], [Tp]
-    nk = a.k.shape[0] // st.bk
-    # lse = log Σ exp(logits) adds P ∘ d_lse to dlogits: fold it into delta.
-    delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp]
-
-    def kv_block(carry, j):
-        k_blk = _slice_rows(a.k, j, st.bk)  # [bk, d_k]
-        v_blk = _slice_rows(a.v, j, st.bk)  # [bk, d_v]
-
-        def step(i, inner, masked):
-            dk, dv, dq_all, dbias_all = inner
-            tiles = _tile_masks(st, a, i, j, masked)
-            dq, dk_t, dv_t, dbias = blockwise.backward_block(
-                _slice_rows(a.q, i, st.bq), k_blk, v_blk, _slice_rows(d_out, i, st.bq),
-                _slice_rows(lse, i, st.bq), _slice_rows(delta, i, st.bq), *tiles, st.scale, st.cap,
-            )
-            dq_all = jax.lax.dynamic_update_slice_in_dim(
-                dq_all, _slice_rows(dq_all, i, st.bq) + dq, i * st.bq, axis=0
-            )  # [Tp, d_k]
-            if dbias is not None:
-                dbias_all = jax.lax.dynamic_update_slice(dbias_all, dbias, (i * st.bq, j * st.bk))
-            return dk + dk_t, dv + dv_t, dq_all, dbias_all
-
-        inner = (jnp.zeros_like(k_blk), jnp.zeros_like(v_blk)) + carry
-        dk, dv, dq_all, dbias_all = _three_loops(_q_blocks_of(st, j), step, inner)
-        return (dq_all, dbias_all), (dk, dv)
-
-    init = (jnp.zeros_like(a.q), None if a.bias is None else jnp.zeros_like(a.bias))
-    (dq, dbias), (dk, dv) = jax.lax.scan(kv_block, init, jnp.arange(nk))  # dk [nk, bk, d_k]
-    grads = _Inputs(
-        q=dq, k=dk.reshape(a.k.shape), v=dv.reshape(a.v.shape), mask=None, bias=dbias,
-        q_length=None, kv_length=None, q_segment_ids=None, kv_segment_ids=None,
-    )
-    return (grads,)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _pad_to(x, shape, value):
-    if x is None or x.shape == shape:
-        return x
-    return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)], constant_values=value)
-
-
-def chunked_head(q, k, v, mask, bias, keep, structure: StructuredMask, *, scale, logits_soft_cap,
-                 block_sizes):
-    """Single-head flash attention with the ``register_implementation`` signature.
-
-    q [T, d_k], k [S, d_k], v [S, d_v], mask/bias [T, S] or None -> (out [T, d_v], None, lse [T]).
+    Query row r sits at key position r + offset and sees key c iff ``lo <= c - r - offset <= up``
+    (up = 0 when causal, the window's right size otherwise; lo = -left). Over a tile the
+    difference takes every integer between its corner values, so a tile is visible somewhere
+    iff that range meets [lo, up], everywhere iff it lies inside (and it holds no padded key).
     """
-    if keep is not None:
+    nq, nk = -(-T // bq), -(-S // bk)
+    r0 = np.arange(nq)[:, None] * bq  # [nq, 1]
+    r1 = np.minimum(r0 + bq, T) - 1  # last real row
+    c0 = np.arange(nk)[None, :] * bk  # [1, nk]
+    c1 = np.minimum(c0 + bk, S) - 1  # last real key
+    d_min, d_max = c0 - r1 - offset, c1 - r0 - offset  # [nq, nk]
+    ups = ([0] if is_causal else []) + ([window[1]] if window is not None else [])
+    up = min(ups) if ups else np.inf
+    lo = -window[0] if window is not None else -np.inf
+    any_ = (d_min <= up) & (d_max >= lo)
+    full = any_ & (d_max <= up) & (d_min >= lo) & (c0 + bk <= S)
+    return any_ & ~full, full
+
+
+def _counts_and_indices(flags: np.ndarray):
+    """bool [r, n] -> (counts int32 [r], indices int32 [r, n]): ``BlockMask``'s layout."""
+    counts = flags.sum(-1).astype(np.int32)
+    order = np.argsort(~flags, axis=-1, kind="stable").astype(np.int32)  # listed blocks first
+    last = np.take_along_axis(order, np.maximum(counts - 1, 0)[:, None], axis=-1)  # [r, 1]
+    keep = np.arange(flags.shape[-1]) < counts[:, None]
+    return counts, np.where(keep, order, np.where(counts[:, None] > 0, last, 0)).astype(np.int32)
+
+
+def static_rows(partial: np.ndarray, full: np.ndarray) -> Rows:
+    """The eight ``BlockMask`` arrays ``[1, 1, ...]`` (broadcast over batch and heads) of flags."""
+    arrays = []
+    for p, f in ((partial, full), (partial.T, full.T)):
+        arrays += [*_counts_and_indices(p), *_counts_and_indices(f)]
+    return Rows(*(x[None, None] for x in arrays))
+
+
+def builtin_mask_mod(config, T: int, S: int, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids):
+    """(mask_mod or None, whether it depends on data): the built-in masks as one mask_mod."""
+    parts = []
+    if config.is_causal:
+        parts.append(mods.causal if config.offset == 0 else mods.causal_bottom_right(T, S))
+    if config.window is not None:
+        parts.append(mods.sliding_window(*config.window, offset=config.offset))
+    static = len(parts)
+    if q_lengths is not None or kv_lengths is not None:
+        parts.append(mods.lengths(q_lengths, kv_lengths))
+    if q_segment_ids is not None:
+        parts.append(mods.document(q_segment_ids, kv_segment_ids))
+    if not parts:
+        return None, False
+    return (parts[0] if len(parts) == 1 else mods.and_masks(*parts)), len(parts) > static
+
+
+def chunked_call(config, a):
+    """``register_multihead_implementation`` signature: (config, arrays) -> (out, lse).
+
+    a.query [B, T, K, G, H], a.key [B, S, K, H], a.value [B, S, K, Hv], a.mask/a.bias
+    [Bm, Km, Gm, T, S] or None -> out [B, T, K, G, Hv], lse [B, T, K, G].
+    """
+    if a.keep is not None:
         raise ValueError("keep: dropout is not supported by implementation='chunked' (use 'xla')")
-    T, S = q.shape[0], k.shape[0]
-    if T == 0 or S == 0:  # nothing to compute: a row that sees no key is 0
-        acc = jnp.promote_types(q.dtype, jnp.float32)
-        return jnp.zeros((T, v.shape[1]), q.dtype), None, jnp.full((T,), -jnp.inf, acc)
-    bq, bk = block_sizes_for(T, S, block_sizes)
-    st = _Static(T, S, bq, bk, scale, logits_soft_cap, structure.is_causal, structure.offset,
-                 structure.window)
-    Tp, Sp = _ceil_div(T, bq) * bq, _ceil_div(S, bk) * bk
-    acc = jnp.promote_types(q.dtype, jnp.float32)  # fp32, or float64 for float64 inputs
-    a = _Inputs(
-        q=_pad_to(q.astype(acc), (Tp, q.shape[1]), 0),
-        k=_pad_to(k.astype(acc), (Sp, k.shape[1]), 0),
-        v=_pad_to(v.astype(acc), (Sp, v.shape[1]), 0),
-        mask=_pad_to(mask, (Tp, Sp), False),
-        bias=None if bias is None else _pad_to(bias.astype(acc), (Tp, Sp), 0),
-        q_length=structure.q_length,
-        kv_length=structure.kv_length,
-        q_segment_ids=structure.q_segment_ids,
-        kv_segment_ids=structure.kv_segment_ids,
+    B, T, K, G, _ = a.query.shape
+    S, Hv = a.key.shape[1], a.value.shape[-1]
+    acc = jnp.promote_types(a.query.dtype, jnp.float32)  # fp32, or float64 for float64 inputs
+    if min(B, T, S) == 0:  # nothing to compute: a row that sees no key is 0
+        return jnp.zeros((B, T, K, G, Hv), a.query.dtype), jnp.full((B, T, K, G), -jnp.inf, acc)
+    bq, bk = block_sizes_for(T, S, config.block_sizes)
+    mask_mod, data_dependent = builtin_mask_mod(
+        config, T, S, a.q_lengths, a.kv_lengths, a.q_segment_ids, a.kv_segment_ids
     )
-    out, lse = _flash(st, a)
-    return out[:T].astype(q.dtype), None, lse[:T]
+    if data_dependent:
+        bm = create_block_mask(mask_mod, B, None, T, S, block_size=(bq, bk))  # [B, 1, ...]
+        rows = Rows(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                    bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+    else:
+        rows = static_rows(*static_block_flags(T, S, bq, bk, config.is_causal, config.offset, config.window))
+    score = None if config.logits_soft_cap is None else convert.convert(
+        "score_mod", mods.soft_cap(config.logits_soft_cap), acc)
+    mask = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
+    st = Static(T, S, bq, bk, config.scale, *(None if m is None else m._replace(consts=()) for m in (score, mask)))
+    out, lse = lift.chunked(
+        st, a.query.astype(acc), a.key.astype(acc), a.value.astype(acc), a.mask,
+        None if a.bias is None else a.bias.astype(acc),
+        () if score is None else score.consts, () if mask is None else mask.consts, rows,
+    )
+    return out.astype(a.query.dtype), lse  # [B, T, K, G, Hv], [B, T, K, G]

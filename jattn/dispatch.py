@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.attention import attention_head
-from jattn.chunked import chunked_head
+from jattn.chunked import chunked_call
 from jattn.masks import StructuredMask
 from jattn.multihead import (
     Arrays, Config, dot_product_attention, register_implementation,
@@ -93,7 +93,7 @@ def _rows_emptied_by_bias(config: Config, bias):
 
 
 register_implementation("xla", _xla_head)
-register_implementation("chunked", chunked_head)
+register_multihead_implementation("chunked", chunked_call)
 register_multihead_implementation("cudnn", _cudnn_call)
 
 

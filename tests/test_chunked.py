@@ -177,29 +177,34 @@ def _while_conditions(jaxpr, found):
     return found
 
 
-def test_block_loops_stay_scalar_loops_under_vmap():
-    # vmap over B, K, G must not batch the loop predicates (that would turn skipping into
-    # select over every block): each key/query block loop keeps a scalar `lt` condition.
+def test_static_block_loops_stay_scalar_loops_under_vmap():
+    # vmap over B, K, G must not batch the loop predicates of a static pattern (that would
+    # turn skipping into select over every block): each loop keeps a scalar `lt` condition.
     _, q, k, v = _inputs(13, 11)
     f = lambda q, k: jnp.sum(jattn.dot_product_attention(
-        q, k, v, is_causal=True, local_window_size=(4, 1), implementation="chunked", block_sizes=(4, 3),
-        query_seq_lengths=np.array([3, 13], np.int32)) ** 2)
+        q, k, v, is_causal=True, local_window_size=(4, 1), implementation="chunked", block_sizes=(4, 3)) ** 2)
     conds = _while_conditions(jax.make_jaxpr(jax.grad(f, (0, 1)))(q, k).jaxpr, [])
-    assert len(conds) == 6  # three loops forward, three backward
+    assert len(conds) == 4  # partial and full blocks, forward and backward
     for cond in conds:
         (lt,) = cond.eqns
         assert lt.primitive.name == "lt" and all(x.aval.shape == () for x in lt.invars)
 
 
-def _visited(ranges_of, n_outer, static):
-    """Set of (outer, inner) block pairs and how many of them are unmasked."""
-    tiles, full = set(), 0
-    for i in range(n_outer):
-        lo, f_lo, f_hi, hi = (int(x) for x in ranges_of(static, i))
-        assert lo <= f_lo <= f_hi <= hi
-        tiles |= {(i, j) for j in range(lo, hi)}
-        full += f_hi - f_lo
-    return tiles, full
+def _config(**kw):
+    base = dict(scale=1.0, is_causal=False, offset=0, window=None, logits_soft_cap=None, dropout_rate=0.0,
+                broadcast_dropout=False, block_sizes=None)
+    return jattn.multihead.Config(**{**base, **kw})
+
+
+def test_data_dependent_block_counts_are_per_batch_row():
+    # Lengths give each batch row its own block counts (vmap then runs the larger count, not all blocks).
+    mask_mod, dynamic = chunked.builtin_mask_mod(_config(is_causal=True), 13, 11, np.array([3, 13]), None,
+                                                 None, None)
+    assert dynamic
+    bm = jattn.create_block_mask(mask_mod, 2, None, 13, 11, block_size=(4, 3))
+    visited = np.asarray(bm.kv_num_blocks + bm.full_kv_num_blocks)[:, 0]  # [B, nq]
+    np.testing.assert_array_equal(visited[0], [1, 0, 0, 0])  # rows >= 3 see nothing
+    np.testing.assert_array_equal(visited[1], [2, 3, 4, 4])  # causal: the lower triangle
 
 
 @pytest.mark.parametrize("T,S,bq,bk,causal,offset,window", [
@@ -210,8 +215,7 @@ def _visited(ranges_of, n_outer, static):
     (19, 23, 5, 3, True, 4, (6, 0)),
     (12, 9, 4, 4, False, -3, (0, 5)),
 ])
-def test_block_ranges_cover_exactly_the_needed_tiles(T, S, bq, bk, causal, offset, window):
-    st = chunked._Static(T, S, bq, bk, 1.0, None, causal, offset, window)
+def test_static_block_flags_are_exactly_the_needed_tiles(T, S, bq, bk, causal, offset, window):
     pos = np.arange(T)[:, None] + offset  # [T, 1]
     key = np.arange(S)[None, :]  # [1, S]
     visible = np.ones((T, S), bool)
@@ -220,24 +224,21 @@ def test_block_ranges_cover_exactly_the_needed_tiles(T, S, bq, bk, causal, offse
     if window:
         visible &= (key >= pos - window[0]) & (key <= pos + window[1])
     nq, nk = -(-T // bq), -(-S // bk)
-    needed = {(i, j) for i in range(nq) for j in range(nk)
-              if visible[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].any()}
-    fully = {(i, j) for i in range(nq) for j in range(nk)
-             if (j + 1) * bk <= S and visible[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk].all()}
-    fwd, fwd_full = _visited(chunked._kv_blocks_of, nq, st)
-    bwd, bwd_full = _visited(chunked._q_blocks_of, nk, st)
-    bwd = {(i, j) for j, i in bwd}
-    # Every needed tile is visited; at most one masked tile of slack per row of blocks.
-    assert needed <= fwd and len(fwd - needed) <= nq
-    assert needed <= bwd and len(bwd - needed) <= nk
-    assert fwd_full <= len(fully) and bwd_full <= len(fully)
+    tiles = [[visible[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk] for j in range(nk)] for i in range(nq)]
+    needed = np.array([[t.any() for t in row] for row in tiles])
+    fully = np.array([[t.all() and (j + 1) * bk <= S for j, t in enumerate(row)] for row in tiles])
+    partial, full = chunked.static_block_flags(T, S, bq, bk, causal, offset, window)
+    np.testing.assert_array_equal(full, fully)
+    np.testing.assert_array_equal(partial, needed & ~fully)
+    rows = chunked.static_rows(partial, full)
+    np.testing.assert_array_equal(rows.kv_num[0, 0] + rows.full_kv_num[0, 0], needed.sum(1))
+    np.testing.assert_array_equal(rows.q_num[0, 0] + rows.full_q_num[0, 0], needed.sum(0))
 
 
 def test_causal_skips_half_the_blocks():
-    st = chunked._Static(4096, 4096, 256, 256, 1.0, None, True, 0, None)
-    tiles, full = _visited(chunked._kv_blocks_of, 16, st)
-    assert len(tiles) == 16 * 17 // 2  # lower triangle of 16 x 16 blocks, diagonal included
-    assert full == 16 * 15 // 2  # only the 16 diagonal tiles evaluate the causal mask
+    partial, full = chunked.static_block_flags(4096, 4096, 256, 256, True, 0, None)
+    assert (partial | full).sum() == 16 * 17 // 2  # lower triangle of 16 x 16 blocks, diagonal included
+    assert full.sum() == 16 * 15 // 2  # only the 16 diagonal tiles evaluate the causal mask
 
 
 def _temp_bytes(T, causal, impl):
