@@ -7,7 +7,7 @@ from jattn.decode import decode_attention
 from jattn.dispatch import explain_implementation
 from jattn.flax_attention_fn import flax_attention_fn
 from jattn.flex import BlockMask, create_block_mask, flex_attention
-from jattn.multihead import dot_product_attention
+from jattn.functional import dot_product_attention
 from jattn.ring import ring_attention
 from jattn.sequence_parallel import (
     explain_sequence_parallel, sequence_parallel_attention, sequence_parallel_attention_fn,

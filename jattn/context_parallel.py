@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jattn import _checks
-from jattn.multihead import dot_product_attention
+from jattn.functional import dot_product_attention
 from jattn.sequence_parallel import _place
 
 

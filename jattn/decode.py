@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks
+from jattn import _checks, spec
 from jattn.attention import soft_cap
 
 # Default split size in bytes of K+V per split (num_splits=None): small enough to stay in a
@@ -184,13 +184,8 @@ def ungroup(out, batch_shape, Tq: int, K: int, G: int, Hv: int):
 
 def check_common(scale, logits_soft_cap, local_window_size, H: int):
     """Checks shared by the contiguous and paged entry points. Returns (scale, cap, left)."""
-    scale = 1.0 / H**0.5 if scale is None else _checks.concrete_number("scale", scale)
-    if logits_soft_cap is not None:
-        logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
-    left = None
-    if local_window_size is not None:
-        left = _checks.window("local_window_size", local_window_size)[0]
-    return scale, logits_soft_cap, left
+    scale, logits_soft_cap, window = spec.options(H, scale, logits_soft_cap, local_window_size, None)
+    return scale, logits_soft_cap, None if window is None else window[0]
 
 
 def check_lengths(lengths, batch_shape, S: int, name: str = "lengths"):

@@ -30,8 +30,6 @@ reports the choice and the reason for any call without running it.
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import warnings
 from typing import NamedTuple
 
@@ -41,10 +39,8 @@ import jax.numpy as jnp
 from jattn.attention import attention_head
 from jattn.chunked import chunked_call
 from jattn.masks import StructuredMask
-from jattn.multihead import (
-    Arrays, Config, dot_product_attention, register_implementation,
-    register_multihead_implementation, registered_implementations,
-)
+from jattn.multihead import register_implementation, register_multihead_implementation, registered_implementations
+from jattn.spec import Arrays, Config, attention_spec
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")  # the built-ins; registered_implementations() has all
 CHUNKED_MIN_TS = 512 * 1024  # T * S from which None picks 'chunked' over 'xla' (measured)
@@ -177,19 +173,13 @@ def choose(implementation: str | None, config: Config, arrays: Arrays, *, return
     return Choice("xla", f"T*S = {T}*{S} < {CHUNKED_MIN_TS}: short sequences{note}")
 
 
-# explain_implementation collects the choices made while it traces a call.
-_EXPLAINING: contextvars.ContextVar[list | None] = contextvars.ContextVar("explaining", default=None)
-
-
 def resolve(implementation: str | None, config: Config, arrays: Arrays, *, return_weights: bool) -> str:
-    """The implementation that will run (a registered name, see ``registered_implementations``)."""
+    """The implementation that will run (a registered name, see ``registered_implementations``);
+    warns when a requested one falls back to ``'xla'``."""
     choice = choose(implementation, config, arrays, return_weights=return_weights)
     if implementation is not None and choice.implementation != implementation:
         warnings.warn(f"implementation={implementation!r} falls back to 'xla': {choice.reason}", UserWarning,
                       stacklevel=3)
-    seen = _EXPLAINING.get()
-    if seen is not None:
-        seen.append(choice)
     return choice.implementation
 
 
@@ -201,17 +191,14 @@ def explain_implementation(query, key, value, bias=None, mask=None, **kwargs) ->
     """Which implementation ``jattn.dot_product_attention`` would run for these arguments, and why.
 
     Takes exactly the arguments of ``dot_product_attention`` (arrays or ``jax.ShapeDtypeStruct``)
-    and validates them the same way; nothing is computed or compiled.
+    and validates them the same way (``jattn.spec.attention_spec``); nothing is computed or compiled.
     """
     arrays = {name: kwargs.pop(name) for name in _ARRAY_KWARGS if name in kwargs}
-    call = functools.partial(dot_product_attention, **kwargs)
     seen: list[Choice] = []
-    token = _EXPLAINING.set(seen)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            jax.eval_shape(lambda q, k, v, b, m, arr: call(q, k, v, b, m, **arr),
-                           query, key, value, bias, mask, arrays)
-    finally:
-        _EXPLAINING.reset(token)
+
+    def probe(q, k, v, b, m, arr):
+        spec = attention_spec(q, k, v, b, m, **kwargs, **arr)
+        seen.append(choose(spec.implementation, spec.config, spec.arrays, return_weights=spec.return_weights))
+
+    jax.eval_shape(probe, query, key, value, bias, mask, arrays)
     return seen[0]

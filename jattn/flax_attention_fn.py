@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from jattn.multihead import dot_product_attention
+from jattn.functional import dot_product_attention
 
 
 def _sow(module, weights) -> None:

@@ -54,7 +54,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks, _score_tiles, blockwise
+from jattn import _checks, _score_tiles, blockwise, spec
 from jattn.chunked import DEFAULT_BLOCK_KV
 from jattn.flex import convert
 from jattn.masks import causal, combine_masks, local_window, padding, same_segment
@@ -765,11 +765,7 @@ def ring_attention(
                     f"(sequence length divisible by 2 x {P}), got {L} local rows"
                 )
     H = query.shape[-1]
-    scale = _checks.default_scale(H) if scale is None else _checks.concrete_number("scale", scale)
-    if logits_soft_cap is not None:
-        logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
-    window = (None if local_window_size is None
-              else _checks.window("local_window_size", local_window_size, P * (Tl + Sl)))
+    scale, logits_soft_cap, window = spec.options(H, scale, logits_soft_cap, local_window_size, P * (Tl + Sl))
     bq, bk = _tile_sizes(block_sizes, Tl, Sl)
     hops = _hops(bool(is_causal), window, layout, P, Tl, Sl)
     if mask_mod is not None and not callable(mask_mod):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import _checks
-from jattn.multihead import dot_product_attention
+from jattn.functional import dot_product_attention
 from jattn.ring import LAYOUTS, _chunks, check_arrays
 
 

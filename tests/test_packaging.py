@@ -45,6 +45,51 @@ def _library_modules() -> list[str]:
     return names
 
 
+def _imports_of(path: pathlib.Path, modules: set[str]) -> set[str]:
+    """The jattn modules ``path`` imports anywhere in its body (late imports inside functions
+    included: they hide a cycle, they do not remove it); a package's own ``__init__`` is not an
+    edge (it imports everything by design)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                     for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in modules and n != "jattn" and not (path.name == "__init__.py"
+                                                                              and path.parent.name == n.split(".")[-1])}
+    return found
+
+
+def test_no_import_cycle_between_library_modules():
+    modules = set(_library_modules())
+    path_of = {m: ROOT / (m.replace(".", "/") + ".py") for m in modules}
+    for m in modules:
+        if not path_of[m].exists():
+            path_of[m] = ROOT / m.replace(".", "/") / "__init__.py"
+    graph = {m: _imports_of(path_of[m], modules) for m in modules}
+    done, stack = set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in done:
+            return
+        stack.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(modules):
+        visit(m)
+    assert "jattn.dispatch" not in graph["jattn.multihead"]  # the core knows nothing of dispatch
+
+
 def _top_level_imports(*modules: str) -> set[str]:
     """Top-level package names in ``sys.modules`` after importing ``modules`` in a fresh process."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))

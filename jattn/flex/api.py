@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks
+from jattn import _checks, spec
 from jattn.flex import convert, lift
 from jattn.flex.block_mask import BlockMask, create_block_mask
 from jattn.flex.kernel import Rows, Static
@@ -94,7 +94,7 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
     if block_mask is not None:
         _check_block_mask(block_mask, B, N, T, S)
         mask_mod = block_mask.mask_mod
-    scale = _checks.default_scale(H) if scale is None else _checks.concrete_number("scale", scale)
+    scale, _, _ = spec.options(H, scale, None, None, None)
     dt = jnp.promote_types(_checks.dtype_of("query", query), jnp.float32)
     smod = None if score_mod is None else convert.convert("score_mod", score_mod, dt)
     mmod = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
