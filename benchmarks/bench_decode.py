@@ -3,8 +3,9 @@ read bandwidth, jax.nn.dot_product_attention and jattn.dot_product_attention.
 
 Shape glossary: B batch, N query heads, K kv heads, H head dim, S cache length, one new token.
 
-For each dtype and S: the read bandwidth of the same run (a jitted fp32 sum over K and V, the
-cache's size), then the step time of every path over the same cache, timed in interleaved
+For each dtype and S: the machine's read bandwidth in the same run (a jitted fp32 sum over
+float32 arrays of the K and V caches' byte size: the caches themselves in fp32, arrays of the
+same bytes for bf16, so no bf16 conversion slows the reference), then the step time of every path over the same cache, timed in interleaved
 rounds (min of the rounds; the machine is shared, so minima are the least noisy):
 
 - ``decode``: ``jattn.decode_attention`` with every row at length S.
@@ -13,9 +14,12 @@ rounds (min of the rounds; the machine is shared, so minima are the least noisy)
 - ``jax.nn`` / ``jattn.dpa``: the general paths, which read the whole cache.
 
 Achieved bandwidth = K+V bytes the step needs / step time; ``fraction`` divides it by the
-sum's bandwidth. S values whose arrays would not fit in the free memory (3.5x the cache) are
-skipped and listed. Prints a table, writes ``benchmarks/results/decode_cpu.json`` and a plot
-of GB/s vs S with the bandwidth line.
+sum's bandwidth. The general paths copy the whole cache each call, so from S = 32k on they
+are timed in the first two rounds only (they dominate the run time). The caches are filled
+with NumPy's generator (``jax.random`` at S = 64k takes minutes on 2 cores). S values whose
+arrays would not fit in the free memory (3.5x the cache, 4.5x for bf16) are skipped and listed. The load
+average before and after each row is recorded. Prints a table, writes
+``benchmarks/results/decode_cpu.json`` and a plot of GB/s vs S with the bandwidth line.
 
     python benchmarks/bench_decode.py            # fp32 and bf16, S = 1k, 4k, 16k, 64k
     python benchmarks/bench_decode.py --quick    # S = 1k, 4k, two rounds
@@ -49,15 +53,25 @@ def _available_bytes() -> int:
     return 0
 
 
+def _cache(rng, S: int, dtype):
+    """[B, S, K, H] standard normal, filled row by row (no float32 copy of a bf16 cache)."""
+    x = np.empty((B, S, K, H), dtype)
+    for b in range(B):
+        x[b] = rng.standard_normal((S, K, H), np.float32).astype(dtype)
+    return jnp.asarray(x)
+
+
 def _paged_pool(k, v, page_size: int, seed: int):
     """A paged cache holding the whole dense cache, its pages shuffled through the pool."""
     S = k.shape[1]
-    M = S // page_size
+    M = -(-S // page_size)
     P = B * M
     perm = np.random.default_rng(seed).permutation(P)  # logical page i lives at pool slot perm[i]
-    inverse = np.argsort(perm)
-    key_pages = jnp.reshape(k, (P, page_size, K, H))[inverse]  # [P, Ps, K, H]
-    value_pages = jnp.reshape(v, (P, page_size, K, H))[inverse]
+    inverse = jnp.asarray(np.argsort(perm))
+    pad = M * page_size - S
+    shuffle = jax.jit(lambda x: jnp.reshape(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))),
+                                            (P, page_size, K, H))[inverse])  # [P, Ps, K, H]
+    key_pages, value_pages = shuffle(k), shuffle(v)
     return paged.PagedKVCache(
         key_pages=key_pages, value_pages=value_pages,
         page_table=jnp.asarray(perm.reshape(B, M), jnp.int32),
@@ -66,15 +80,16 @@ def _paged_pool(k, v, page_size: int, seed: int):
     )
 
 
-def _time_rounds(fns: dict, rounds: int) -> dict:
-    """Compile and warm every fn, then time them in interleaved rounds (the order rotates
-    each round, so no fn always follows the same one); min seconds each."""
-    for f in fns.values():
-        jax.block_until_ready(f())
+def _time_rounds(fns: dict, rounds: int, slow=(), slow_rounds: int = 2) -> dict:
+    """Time warmed fns in interleaved rounds (the order rotates each round, so no fn always
+    follows the same one); min seconds each. The ``slow`` ones run in the first
+    ``slow_rounds`` rounds only."""
     best = {name: float("inf") for name in fns}
     items = list(fns.items())
     for r in range(rounds):
         for name, f in items[r % len(items):] + items[:r % len(items)]:
+            if name in slow and r >= slow_rounds:
+                continue
             start = time.perf_counter()
             jax.block_until_ready(f())
             best[name] = min(best[name], time.perf_counter() - start)
@@ -83,35 +98,41 @@ def _time_rounds(fns: dict, rounds: int) -> dict:
 
 def run(dtype, S: int, rounds: int, seed: int = 0) -> dict:
     itemsize = jnp.dtype(dtype).itemsize
-    key = jax.random.key(seed)
-    kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (B, 1, N, H), dtype)
-    k = jax.random.normal(kk, (B, S, K, H), dtype)
-    v = jax.random.normal(kv, (B, S, K, H), dtype)
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((B, 1, N, H), np.float32).astype(dtype))
+    k, v = _cache(rng, S, dtype), _cache(rng, S, dtype)
     full = jnp.full((B,), S, jnp.int32)
     ragged = jnp.asarray(np.random.default_rng(seed).integers(S // 8, S + 1, size=B), jnp.int32)
-    split = jattn.decode.default_split_size(S, K, H, H, itemsize)
+    split = jattn.decode.default_split_size(S, K, H, N // K)
     cache = _paged_pool(k, v, split, seed)
 
-    reduce = jax.jit(lambda k, v: jnp.sum(k, dtype=jnp.float32) + jnp.sum(v, dtype=jnp.float32))
+    # The bandwidth reference reads float32 arrays of the caches' byte size: the caches
+    # themselves in fp32; for bf16 two fp32 arrays of half the elements (a bitcast of the bf16
+    # cache compiles to a widening copy on XLA CPU, and a bf16 sum spends its time converting).
+    words = (k, v) if itemsize == 4 else tuple(jnp.full((B, S, K, H * itemsize // 4), 1.0, jnp.float32)
+                                                for _ in range(2))
+    reduce = jax.jit(lambda a, b: jnp.sum(a) + jnp.sum(b))
     decode = jax.jit(lambda q, k, v, l: jattn.decode_attention(q, k, v, lengths=l))
     over_pages = jax.jit(paged.paged_decode_attention)
     jax_nn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))
     jattn_dpa = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v))
     fns = {
-        "sum": lambda: reduce(k, v),
+        "sum": lambda: reduce(*words),
         "decode": lambda: decode(q, k, v, full),
         "ragged": lambda: decode(q, k, v, ragged),
         "paged": lambda: over_pages(q, cache),
         "jax.nn": lambda: jax_nn(q, k, v),
         "jattn.dpa": lambda: jattn_dpa(q, k, v),
     }
-    # The same answers first: the timing is of correct code.
-    ref = np.asarray(jax_nn(q, k, v), np.float32)
+    # The same answers first (this also compiles and warms every path): timing correct code.
+    load_before = os.getloadavg()[0]
+    ref = np.asarray(fns["jax.nn"](), np.float32)
     tol = 2e-2 if itemsize == 2 else 1e-4
-    for name in ("decode", "paged"):
+    for name in ("decode", "paged", "jattn.dpa"):
         np.testing.assert_allclose(np.asarray(fns[name](), np.float32), ref, atol=tol, rtol=tol)
-    t = _time_rounds(fns, rounds)
+    jax.block_until_ready((fns["sum"](), fns["ragged"]()))
+    slow = ("jax.nn", "jattn.dpa") if S >= 32768 else ()
+    t = _time_rounds(fns, rounds, slow=slow)
     per_position = K * 2 * H * itemsize
     cache_bytes = B * S * per_position
     bw = cache_bytes / t["sum"] / 1e9
@@ -123,6 +144,8 @@ def run(dtype, S: int, rounds: int, seed: int = 0) -> dict:
         "ragged_GBps": int(ragged.sum()) * per_position / t["ragged"] / 1e9,
         "paged_GBps": cache_bytes / t["paged"] / 1e9,
         "ragged_token_fraction": float(ragged.sum()) / (B * S),
+        "load_avg_before_after": [load_before, os.getloadavg()[0]],
+        "peer_rounds": 2 if slow else rounds,
     }
     row["fraction_of_bw"] = row["decode_GBps"] / bw
     row["ragged_over_full"] = t["ragged"] / t["decode"]
@@ -161,7 +184,7 @@ def _plot(rows, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="S = 1k, 4k and two rounds")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--max-seq", type=int, default=65536, help="skip longer caches (time)")
     parser.add_argument("--out", default="benchmarks/results/decode_cpu.json")
@@ -176,7 +199,7 @@ def main():
             json.dump({"command": "python benchmarks/" + os.path.basename(__file__) + " " + " ".join(sys.argv[1:]),
                        "shape": {"B": B, "N": N, "K": K, "H": H, "Tq": 1}, "rounds": rounds,
                        "jax": jax.__version__, "cpus": os.cpu_count(),
-                       "note": "machine shared with other jobs; min over interleaved rounds",
+                       "note": "2-core machine shared with other jobs (see load_avg_before_after per row); min over interleaved rounds",
                        "rows": rows, "skipped": skipped}, f, indent=1)
 
     header = (f"{'dtype':>8} {'S':>6} {'bw GB/s':>8} {'decode ms':>9} {'GB/s':>6} {'frac':>5} "
@@ -187,7 +210,7 @@ def main():
     for name in args.dtypes.split(","):
         dtype = jnp.dtype(name)
         for S in seqs:
-            need = 3.5 * B * S * K * 2 * H * dtype.itemsize
+            need = (3.5 if dtype.itemsize == 4 else 4.5) * B * S * K * 2 * H * dtype.itemsize
             if need > _available_bytes():
                 skipped.append({"dtype": name, "S": S, "needs_GiB": need / 2**30,
                                 "available_GiB": _available_bytes() / 2**30})

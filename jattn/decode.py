@@ -30,10 +30,12 @@ import numpy as np
 from jattn import _checks, spec
 from jattn.attention import soft_cap
 
-# Default split size in bytes of K+V per split (num_splits=None): small enough to stay in a
-# core's cache while it is read twice (logits, then values), large enough to amortise the
-# loop's per-iteration cost. Measured with benchmarks/bench_decode.py --splits.
-DEFAULT_SPLIT_BYTES = 4 * 2**20
+# Default split size (num_splits=None), as the bytes of the split's fp32 logit products
+# [c, K, H, R8] (R8: query rows rounded up to 8): XLA CPU slices each split into a buffer and
+# works through these products, so they must stay in the cache (at B=8, N=32, K=8, H=128 a
+# split of 256 positions; 512 ran 2-10x slower, fp32 and bf16), while larger splits amortise
+# the loop's per-iteration cost (128 positions were ~10 % slower).
+DEFAULT_SPLIT_BYTES = 8 * 2**20
 
 
 class Static(NamedTuple):
@@ -57,7 +59,7 @@ def split_partial(q, k, v, pos, first, length, Tq: int, static: Static) -> Parti
     """Softmax partial of one split for one batch row (all its query rows and kv heads).
 
     Args:
-      q: [K, R] query rows per kv head ``[K, R, H]``; row ``r`` is query token ``r // G``.
+      q: [K, R, H] query rows per kv head; row ``r`` is query token ``r // G``.
       k: [c, K, H] keys of the split, v: [c, K, Hv] values (the cache's own layout).
       pos: [c] absolute cache position of each key.
       first: scalar; keys before it belong to another split (a clamped last split).
@@ -70,26 +72,27 @@ def split_partial(q, k, v, pos, first, length, Tq: int, static: Static) -> Parti
     K, R, _ = q.shape
     G = R // Tq
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    # One plain [R, H] x [H, c] product per kv head on the split's strided [c, H] slice: XLA
-    # CPU runs these faster than one batched einsum, which transposes the split to [K, c, H].
-    s = jnp.stack([
-        jnp.einsum("rh,ch->rc", q[h], k[:, h], preferred_element_type=acc) for h in range(K)
-    ]) * static.scale  # [K, R, c]
+    # Logits as a product and a sum over H with the query rows as the minor axis, padded to a
+    # multiple of 8 (a full vector of fp32 lanes): XLA CPU then runs one vectorised pass over
+    # the split in its [c, K, H] layout. A dot_general would transpose the split to [K, c, H]
+    # first, and per-head dots copy each strided [c, H] slice (benchmarks/bench_decode.py).
+    R8 = -(-R // 8) * 8
+    qt = jnp.pad(q.astype(acc) * static.scale, ((0, 0), (0, R8 - R), (0, 0)))  # [K, R8, H]
+    qt = jnp.transpose(qt, (0, 2, 1))  # [K, H, R8]
+    s = jnp.sum(k[..., None].astype(acc) * qt[None], axis=2)[..., :R]  # [c, K, R]
     s = soft_cap(s, static.logits_soft_cap)
     q_pos = length - Tq + jnp.arange(R) // G  # [R]
     key_ok = (pos >= first) & (pos < length)  # [c]
-    visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])  # [R, c]
+    visible = key_ok[:, None] & (pos[:, None] <= q_pos[None, :])  # [c, R]
     if static.window_left is not None:
-        visible = visible & (pos[None, :] >= q_pos[:, None] - static.window_left)  # [R, c]
-    s = jnp.where(visible[None], s, -jnp.inf)  # [K, R, c]
-    m = jnp.max(s, axis=-1)  # [K, R]; NaN if a visible logit is NaN
-    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[..., None])  # [K, R, c]; hidden -> 0
+        visible = visible & (pos[:, None] >= q_pos[None, :] - static.window_left)  # [c, R]
+    s = jnp.where(visible[:, None, :], s, -jnp.inf)  # [c, K, R]
+    m = jnp.max(s, axis=0)  # [K, R]; NaN if a visible logit is NaN
+    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[None])  # [c, K, R]; hidden -> 0
     # Unwritten slots may hold anything (NaN included): zero them, 0 · NaN would leak.
     v = jnp.where(key_ok[:, None, None], v, jnp.zeros((), v.dtype))  # [c, K, Hv]
-    o = jnp.stack([
-        jnp.einsum("rc,ch->rh", p[h], v[:, h], preferred_element_type=acc) for h in range(K)
-    ])  # [K, R, Hv]
-    return Partial(m, jnp.sum(p, axis=-1), o)
+    o = jnp.sum(p[..., None] * v[:, :, None, :].astype(acc), axis=0)  # [K, R, Hv]
+    return Partial(m, jnp.sum(p, axis=0), o)
 
 
 def merge(a: Partial, b: Partial) -> Partial:
@@ -230,9 +233,10 @@ def _decode(q, key_cache, value_cache, lengths, *, static: Static, num_splits: i
     return poison_rows(out, (lengths < 0) | (lengths > S))
 
 
-def default_split_size(S: int, K: int, H: int, Hv: int, itemsize: int) -> int:
-    """Cache positions per split for ``num_splits=None`` (about DEFAULT_SPLIT_BYTES of K+V)."""
-    per_position = K * (H + Hv) * itemsize
+def default_split_size(S: int, K: int, H: int, R: int) -> int:
+    """Cache positions per split for ``num_splits=None``: about DEFAULT_SPLIT_BYTES of fp32
+    logit products ``[c, K, H, R8]`` (R query rows per kv head, rounded up to 8)."""
+    per_position = K * H * (-(-R // 8) * 8) * 4
     return max(1, min(S, DEFAULT_SPLIT_BYTES // per_position))
 
 
@@ -259,9 +263,10 @@ def decode_attention(query, key_cache, value_cache, *, lengths, scale=None, logi
       local_window_size: ``int`` or ``(left, right)``: query at position p also needs keys at
         ``>= p - left`` (right is implied by causality). Splits wholly before the window are
         skipped.
-      num_splits: splits per row ``J`` (the split size is ``ceil(S / J)``); None picks about
-        4 MiB of K+V per split. With one split (a small cache) every row runs at once without
-        the loop.
+      num_splits: splits per row ``J`` (the split size is ``ceil(S / J)``); None picks a size
+        whose logit products fit the CPU cache (``default_split_size``: 256 positions at K=8,
+        H=128, G=4, Tq=1). With one split (a small cache) every row runs at once without the
+        loop.
 
     Returns:
       ``[*B, Tq, N, Hv]`` in the dtype of ``query``.
@@ -274,7 +279,7 @@ def decode_attention(query, key_cache, value_cache, *, lengths, scale=None, logi
     scale, cap, left = check_common(scale, logits_soft_cap, local_window_size, H)
     lengths = check_lengths(lengths, batch_shape, S)
     if num_splits is None:
-        c = default_split_size(S, K, H, Hv, jnp.dtype(_checks.dtype_of("query", query)).itemsize)
+        c = default_split_size(S, K, H, Tq * (N // K))
     else:
         if not isinstance(num_splits, (int, np.integer)) or isinstance(num_splits, bool) or num_splits < 1:
             raise ValueError(f"num_splits: expected a positive int, got {num_splits!r}")
