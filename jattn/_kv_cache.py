@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks, masks
+from jattn.core import _checks, masks
 
 
 def input_shape(shape, features: tuple[int, ...] | None = None) -> tuple[int, ...]:

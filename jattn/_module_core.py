@@ -20,8 +20,10 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from jattn import _checks, _kv_cache, paged
-from jattn.decode import decode_attention
+from jattn import _kv_cache
+from jattn.core import _checks
+from jattn.kernels import paged
+from jattn.kernels.decode import decode_attention
 from jattn.flax_attention_fn import flax_attention_fn
 from jattn.rope import apply_rope
 

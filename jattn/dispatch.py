@@ -36,11 +36,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn.attention import attention_head
-from jattn.chunked import chunked_call
-from jattn.masks import StructuredMask
+from jattn.core.attention import attention_head
+from jattn.kernels.chunked import chunked_call
+from jattn.core.masks import StructuredMask
 from jattn.multihead import register_implementation, register_multihead_implementation, registered_implementations
-from jattn.spec import Arrays, Config, attention_spec
+from jattn.core.spec import Arrays, Config, attention_spec
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")  # the built-ins; registered_implementations() has all
 CHUNKED_MIN_TS = 512 * 1024  # T * S from which None picks 'chunked' over 'xla' (measured)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn import dispatch, multihead
-from jattn.spec import AttentionSpec, attention_spec
+from jattn.core.spec import AttentionSpec, attention_spec
 
 
 def dot_product_attention(

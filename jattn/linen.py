@@ -34,7 +34,9 @@ from flax.linen import initializers
 from flax.linen.linear import default_kernel_init
 from flax.linen.module import merge_param
 
-from jattn import _checks, _kv_cache, _module_core, paged
+from jattn import _kv_cache, _module_core
+from jattn.core import _checks
+from jattn.kernels import paged
 from jattn.flax_attention_fn import flax_attention_fn
 
 

@@ -18,8 +18,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jattn.masks import StructuredMask
-from jattn.spec import Arrays, Config  # noqa: F401  (re-exported: multihead.Config, multihead.Arrays)
+from jattn.core.masks import StructuredMask
+from jattn.core.spec import Arrays, Config  # noqa: F401  (re-exported: multihead.Config, multihead.Arrays)
 
 
 # A single-head function: (q [T,H], k [S,H], v [S,Hv], mask [T,S]|None, bias [T,S]|None,

@@ -35,7 +35,9 @@ except ModuleNotFoundError as err:  # Flax is the `flax` extra, not a core depen
 from flax.nnx.nn import dtypes, initializers
 from flax.nnx.nn.linear import default_kernel_init
 
-from jattn import _checks, _kv_cache, _module_core, paged
+from jattn import _kv_cache, _module_core
+from jattn.core import _checks
+from jattn.kernels import paged
 from jattn.flax_attention_fn import flax_attention_fn
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks
+from jattn.core import _checks
 
 
 def apply_rope(x, positions, base: float = 10000.0) -> jax.Array:

@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks, spec
+from jattn.core import _checks, spec
 from jattn.flex import convert, lift
 from jattn.flex.block_mask import BlockMask, create_block_mask
 from jattn.flex.kernel import Rows, Static

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jattn import _finite
-from jattn.attention import masked_softmax
+from jattn.core import _finite
+from jattn.core.attention import masked_softmax
 from jattn.flex import convert
 
 

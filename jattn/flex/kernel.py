@@ -30,7 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _finite, blockwise
+from jattn.core import _finite
+from jattn.kernels import blockwise
 from jattn.flex import convert
 
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jattn.ring import layout_positions, to_layout
-from jattn.sequence_parallel import sequence_parallel_attention_fn
+from jattn.parallel.ring import layout_positions, to_layout
+from jattn.parallel.sequence_parallel import sequence_parallel_attention_fn
 from jattn.toy import data, mesh as mesh_lib
 from jattn.toy.model import create_model
 

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks
+from jattn.core import _checks
 from jattn.functional import dot_product_attention
-from jattn.ring import LAYOUTS, _chunks, check_arrays
+from jattn.parallel.ring import LAYOUTS, _chunks, check_arrays
 
 
 def kv_replication(num_kv_heads: int, num_devices: int) -> int:

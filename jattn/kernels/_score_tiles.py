@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from jattn import _finite, blockwise
-from jattn.masks import combine_masks
+from jattn.core import _finite
+from jattn.kernels import blockwise
+from jattn.core.masks import combine_masks
 
 _INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
 

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks
-from jattn import decode as _decode
+from jattn.core import _checks
+from jattn.kernels import decode as _decode
 
 OUT_OF_PAGES = 1  # allocate found too few free pages
 PAST_PAGES = 2  # append wrote past the pages the sequence holds

@@ -38,9 +38,9 @@ from jax.sharding import PartitionSpec as P
 
 from typing import NamedTuple
 
-from jattn import _checks
-from jattn.ring import LAYOUTS, _check_divisible, _hops, check_arrays, ring_attention
-from jattn.ulysses import kv_replication, ulysses_attention
+from jattn.core import _checks
+from jattn.parallel.ring import LAYOUTS, _check_divisible, _hops, check_arrays, ring_attention
+from jattn.parallel.ulysses import kv_replication, ulysses_attention
 
 STRATEGIES = ("ring", "ulysses", "auto")
 

@@ -50,8 +50,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn import _finite
-from jattn.masks import combine_masks
+from jattn.core import _finite
+from jattn.core.masks import combine_masks
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # m [tq], l [tq], acc [tq, d_v]
 

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _checks, spec
-from jattn.attention import soft_cap
+from jattn.core import _checks, spec
+from jattn.core.attention import soft_cap
 
 # Default split size (num_splits=None), as the bytes of the split's fp32 logit products
 # [c, K, H, R8] (R8: query rows rounded up to 8): XLA CPU slices each split into a buffer and

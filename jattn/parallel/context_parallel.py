@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jattn import _checks
+from jattn.core import _checks
 from jattn.functional import dot_product_attention
-from jattn.sequence_parallel import _place
+from jattn.parallel.sequence_parallel import _place
 
 
 def _combine(out, lse, axis_name):

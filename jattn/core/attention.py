@@ -13,8 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks, _finite
-from jattn.masks import StructuredMask, combine_masks
+from jattn.core import _checks, _finite
+from jattn.core.masks import StructuredMask, combine_masks
 
 
 class HeadOutput(NamedTuple):

@@ -54,10 +54,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn import _checks, _score_tiles, blockwise, spec
-from jattn.chunked import DEFAULT_BLOCK_KV
+from jattn.core import _checks, spec
+from jattn.kernels import _score_tiles, blockwise
+from jattn.kernels.chunked import DEFAULT_BLOCK_KV
 from jattn.flex import convert
-from jattn.masks import causal, combine_masks, local_window, padding, same_segment
+from jattn.core.masks import causal, combine_masks, local_window, padding, same_segment
 
 LAYOUTS = ("contiguous", "zigzag")
 

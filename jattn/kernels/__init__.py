@@ -1,0 +1,1 @@
+"""Memory-linear kernels of one device: the flash-attention tile steps (``blockwise``), the built-ins over the flex block-sparse loop (``chunked``), KV-cache decoding (``decode``) and the paged cache (``paged``)."""
