@@ -21,9 +21,10 @@ arrays would not fit in the free memory (3.5x the cache, 4.5x for bf16) are skip
 average before and after each row is recorded. Prints a table, writes
 ``benchmarks/results/decode_cpu.json`` and a plot of GB/s vs S with the bandwidth line.
 
-    python benchmarks/bench_decode.py            # fp32 and bf16, S = 1k, 4k, 16k, 64k
+    python benchmarks/bench_decode.py            # fp32 and bf16, S = 16k, 64k, 4k, 1k
     python benchmarks/bench_decode.py --quick    # S = 1k, 4k, two rounds
     python benchmarks/bench_decode.py --max-seq 16384   # skip S = 64k (it takes long on 2 cores)
+    python benchmarks/bench_decode.py --seqs 16384,65536 --rounds 3
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def _plot(rows, path):
     dtypes = sorted({r["dtype"] for r in rows})
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
     for ax, dt in zip(axes[0], dtypes):
-        rs = [r for r in rows if r["dtype"] == dt]
+        rs = sorted((r for r in rows if r["dtype"] == dt), key=lambda r: r["S"])
         S = [r["S"] for r in rs]
         ax.plot(S, [r["read_bw_GBps"] for r in rs], "k--", label="read bandwidth (jitted sum, same run)")
         ax.plot(S, [r["decode_GBps"] for r in rs], "o-", label="decode_attention")
@@ -187,9 +188,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--max-seq", type=int, default=65536, help="skip longer caches (time)")
+    parser.add_argument("--seqs", default="16384,65536,4096,1024",
+                        help="cache lengths S, comma-separated (longest targets first: a run cut short keeps them)")
     parser.add_argument("--out", default="benchmarks/results/decode_cpu.json")
     args = parser.parse_args()
-    seqs = [S for S in ([1024, 4096] if args.quick else [1024, 4096, 16384, 65536]) if S <= args.max_seq]
+    seqs = [S for S in ([1024, 4096] if args.quick else [int(x) for x in args.seqs.split(",")]) if S <= args.max_seq]
     rounds = 2 if args.quick else args.rounds
     rows, skipped = [], []
 
@@ -201,15 +204,17 @@ def main():
                        "jax": jax.__version__, "cpus": os.cpu_count(),
                        "note": "2-core machine shared with other jobs (see load_avg_before_after per row); min over interleaved rounds",
                        "rows": rows, "skipped": skipped}, f, indent=1)
+        if rows:
+            _plot(rows, args.out.replace(".json", ".png"))
 
     header = (f"{'dtype':>8} {'S':>6} {'bw GB/s':>8} {'decode ms':>9} {'GB/s':>6} {'frac':>5} "
               f"{'ragged/full':>11} {'paged/contig':>12} {'vs jax.nn':>9} {'vs jattn.dpa':>12}")
     print(f"B={B} N={N} K={K} H={H}, one new token; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs (shared with other jobs: timings are noisy)")
     print(header)
-    for name in args.dtypes.split(","):
-        dtype = jnp.dtype(name)
-        for S in seqs:
+    for S in seqs:  # S-major: a run cut short still has both dtypes at the lengths it reached
+        for name in args.dtypes.split(","):
+            dtype = jnp.dtype(name)
             need = (3.5 if dtype.itemsize == 4 else 4.5) * B * S * K * 2 * H * dtype.itemsize
             if need > _available_bytes():
                 skipped.append({"dtype": name, "S": S, "needs_GiB": need / 2**30,
@@ -225,7 +230,6 @@ def main():
                   f"{r['paged_over_contiguous']:>12.2f} {r['speedup_vs_jax_nn']:>8.2f}x "
                   f"{r['speedup_vs_jattn_dpa']:>11.2f}x", flush=True)
             write()
-    _plot(rows, args.out.replace(".json", ".png"))
     print(f"wrote {args.out} and {args.out.replace('.json', '.png')}")
 
 
