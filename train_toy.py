@@ -12,7 +12,8 @@ SLURM or Open MPI JAX finds the rest) or ``--coordinator_address=host0:1234
 The logic lives in ``jattn.toy``; this file only parses flags. A failure the user can act on
 (an invalid config, a workdir in use, a damaged file, a diverged run) is printed as one message
 without a traceback; the exit status is 2 for an invalid config or override, 1 for the others,
-130 for Ctrl-C.
+130 for Ctrl-C and 143 for SIGTERM (the run stops after its current step; a
+second signal exits at once).
 """
 
 import datetime
@@ -72,29 +73,30 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from jattn.toy.errors import TrainerError  # after flag parsing, so --help does not import jax
+    from jattn.toy import interrupt  # after flag parsing, so --help does not import jax
+    from jattn.toy.errors import TrainerError
     from jattn.toy.run import run
 
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        from jattn.toy import processes
+    with interrupt.StopOnSignal() as stop:
+        if _DISTRIBUTED.value or _COORDINATOR.value:
+            from jattn.toy import processes
 
-        processes.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        if not _WORKDIR.value:
-            raise app.UsageError("--workdir is required with several processes (they must share it)")
-    workdir = _WORKDIR.value or _fresh_workdir()
-    try:
-        run(_CONFIG.value, workdir)
-    except TrainerError as e:
-        print(f"train_toy.py: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print(f"train_toy.py: interrupted; run again with --workdir={workdir} to resume from its "
-              "newest checkpoint", file=sys.stderr)
-        # Exit at once: XLA may still be compiling or running in its own threads, and the
-        # interpreter's shutdown under them can crash. Checkpoints and the lock are closed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+            processes.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            if not _WORKDIR.value:
+                raise app.UsageError("--workdir is required with several processes (they must share it)")
+        workdir = _WORKDIR.value or _fresh_workdir()
+        try:
+            run(_CONFIG.value, workdir, stop=stop)
+        except interrupt.Interrupted as e:
+            print(f"train_toy.py: {e}", file=sys.stderr)
+            # Exit at once: XLA may still run in its own threads, and the interpreter's shutdown
+            # under them can crash. The checkpoints and the lock are already closed.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
+        except TrainerError as e:
+            print(f"train_toy.py: error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
 
 
 def _parse_flags(argv):

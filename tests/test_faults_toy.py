@@ -31,7 +31,7 @@ import time
 import numpy as np
 import pytest
 
-from jattn.toy import workdir_lock
+from jattn.toy import interrupt, workdir_lock
 from jattn.toy.errors import TrainerError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -274,8 +274,55 @@ def test_second_run_on_a_workdir_exits_at_once_naming_the_holder(tmp_path, env):
     finally:
         _kill(first)
     assert done.returncode == 130, done.stderr[-3000:]
-    assert f"interrupted; run again with --workdir={workdir} to resume" in done.stderr
+    assert re.search(f"interrupted by SIGINT after step [0-9]+; run again with --workdir={re.escape(str(workdir))} "
+                     "to resume", done.stderr), done.stderr[-3000:]
     workdir_lock.lock_workdir(str(workdir)).close()
+
+
+class _SignalsItself:
+    """An object whose finalizer sends ``signum`` to this process and runs on after it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        sum(range(1000))  # Python runs the handler here, inside the finalizer
+
+
+def test_a_signal_landing_in_a_finalizer_still_stops_the_run(tmp_path):
+    # Python's own SIGINT handler raises KeyboardInterrupt wherever the signal lands; inside a
+    # finalizer (or an event-loop callback) it is printed and swallowed, and the run would train
+    # on, as it once did in CI. The trainer's handlers only record the signal.
+    previous = signal.getsignal(signal.SIGTERM)
+    with interrupt.StopOnSignal() as stop:
+        stop.check(3, str(tmp_path))  # nothing arrived yet
+        _SignalsItself(signal.SIGTERM)  # collected at once: the signal lands in its __del__
+        with pytest.raises(interrupt.Interrupted, match=f"interrupted by SIGTERM after step 4; run again "
+                           f"with --workdir={re.escape(str(tmp_path))} to resume") as caught:
+            stop.check(4, str(tmp_path))
+    assert caught.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+
+
+SECOND_SIGNAL = """
+import os, signal, time
+from jattn.toy import interrupt
+with interrupt.StopOnSignal() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    print("first recorded", stop.received == signal.SIGINT, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+"""
+
+
+def test_a_second_signal_exits_at_once(env):
+    proc = _reap(subprocess.Popen([sys.executable, "-c", SECOND_SIGNAL], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True), 20)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stdout == "first recorded True\n"
+    assert "second SIGINT: exiting now" in proc.stderr
 
 
 HOLD_LOCK = """

@@ -8,7 +8,8 @@ status 1 or 2 from ``train_toy.py``) and never with a checkpoint of a broken sta
 config (before the workdir is created), a workdir held by another run, a ``config.json`` that
 differs from the config or is unreadable, a checkpoint that cannot be resumed, and a NaN or an
 infinity in the loss, a gradient or the state. Damaged checkpoints and ``metrics.jsonl`` lines
-are set aside with a warning and the run resumes from the newest intact checkpoint.
+are set aside with a warning and the run resumes from the newest intact checkpoint. Ctrl-C or
+SIGTERM to ``train_toy.py`` stops the run after its current step (``jattn.toy.interrupt``).
 
 Several JAX processes (``train_toy.py --num_processes=...``, see ``jattn.toy.processes``):
 each takes its own workdir lock; process 0 alone writes config.json, metrics.jsonl,
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jattn.toy import checkpoint, data, gradcheck, metrics, plots, processes, train, validation, workdir_lock
+from jattn.toy import checkpoint, data, gradcheck, interrupt, metrics, plots, processes, train, validation, workdir_lock
 from jattn.toy import mesh as mesh_lib
 from jattn.toy.errors import ConfigError, TrainerError
 
@@ -106,9 +107,13 @@ def _show_samples(batch: data.Batch, outputs: np.ndarray, config) -> None:
         tqdm.write(f"  {data.symbols_text(prompts[i])} -> {data.symbols_text(outputs[i])}   {verdict}")
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, stop: interrupt.StopOnSignal | None = None) -> dict:
     """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint); returns the
     summary (in process 0; the other processes of a multi-process run return a short dict).
+
+    ``stop``: entered signal handlers (``train_toy.py`` passes them); the run checks them after
+    setup and after every step, and raises ``interrupt.Interrupted`` once a signal arrived.
+    Without it a Ctrl-C is Python's ``KeyboardInterrupt`` (as in a notebook).
 
     Raises ``ConfigError`` before the workdir is created if the config cannot run here, and
     ``TrainerError`` for the other failures listed in the module docstring.
@@ -123,7 +128,7 @@ def run(config, workdir: str) -> dict:
     processes.everywhere("creating the workdir", _make_workdir, workdir)
     lock = processes.everywhere("locking the workdir", workdir_lock.lock_workdir, workdir, jax.process_index())
     with contextlib.closing(lock):
-        return _train(config, workdir, mesh, start_time)
+        return _train(config, workdir, mesh, start_time, stop or interrupt.StopOnSignal())
 
 
 def _say(*args, **kwargs) -> None:
@@ -132,7 +137,7 @@ def _say(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def _train(config, workdir: str, mesh, start_time: float) -> dict:
+def _train(config, workdir: str, mesh, start_time: float, stop: interrupt.StopOnSignal) -> dict:
     primary = processes.is_primary()
     processes.everywhere("checking config.json", lambda: _check_same_config(workdir, config) if primary else None)
     _say(f"workdir: {workdir}")
@@ -173,6 +178,7 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
 
         total = config.num_train_steps
         guard = _FiniteGuard(last_checkpoint=start)
+        stop.check(start, workdir)
         bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step", disable=not primary)
         for step in bar:
             state, step_metrics = steps.train_step(state, steps.train_batch(step))
@@ -195,6 +201,7 @@ def _train(config, workdir: str, mesh, start_time: float) -> dict:
             if is_checkpoint:
                 ckpt.save(done, state)
                 guard.last_checkpoint = done
+            stop.check(done, workdir)
         bar.close()
     finally:
         ckpt.close()
