@@ -9,13 +9,11 @@ from jattn.core.attention import attention
 from jattn.parallel.context_parallel import context_parallel_decode
 from jattn.kernels.decode import decode_attention
 from jattn.dispatch import explain_implementation
-from jattn.flax_attention_fn import flax_attention_fn
+from jattn.flax_attention_fn import flax_attention_fn, sequence_parallel_attention_fn
 from jattn.flex import BlockMask, create_block_mask, flex_attention
 from jattn.functional import dot_product_attention
 from jattn.parallel.ring import ring_attention
-from jattn.parallel.sequence_parallel import (
-    explain_sequence_parallel, sequence_parallel_attention, sequence_parallel_attention_fn,
-)
+from jattn.parallel.sequence_parallel import explain_sequence_parallel, sequence_parallel_attention
 from jattn.parallel.ulysses import ulysses_attention
 from jattn.rope import apply_rope
 

@@ -23,8 +23,8 @@ needs (sequence over ``axis_name``; batch over ``batch_axis`` and heads over ``h
 when given) and the output comes back sharded that way. Explicit mesh axes (``jax.make_mesh``'s
 default) are resharded with ``jax.reshard``; Auto axes are left to ``shard_map``.
 
-``sequence_parallel_attention_fn`` wraps it as an ``attention_fn`` for
-``jattn.nnx.MultiHeadAttention`` (training and full-sequence forward passes).
+``jattn.sequence_parallel_attention_fn`` (in ``jattn.flax_attention_fn``) wraps it as an
+``attention_fn`` for ``jattn.nnx.MultiHeadAttention`` (training and full-sequence forward passes).
 """
 
 from __future__ import annotations
@@ -239,87 +239,3 @@ def _run(arrays, specs, mesh, axis_name, batch_axis, head_axis, layout, strategy
         return attend(**arrays, axis_name=axis_name, layout=layout, **dict(options))
 
     return jax.shard_map(local, mesh=mesh, in_specs=(specs,), out_specs=rows)(arrays)
-
-
-def _attention_fn(
-    query,
-    key,
-    value,
-    bias=None,
-    mask=None,
-    broadcast_dropout: bool = True,
-    dropout_rng=None,
-    dropout_rate: float = 0.0,
-    deterministic: bool = False,
-    dtype=None,
-    precision=None,
-    module=None,
-    is_causal: bool = False,
-    *,
-    implementation: str | None = None,
-    logits_soft_cap: float | None = None,
-    mesh: Mesh,
-    axis_name: str,
-    batch_axis: str | None,
-    head_axis: str | None,
-    layout: str,
-    strategy: str,
-):
-    """``jattn.flax_attention_fn``'s signature on ``sequence_parallel_attention`` (see the factory)."""
-    del broadcast_dropout, precision  # no dropout here; softmax is always fp32
-    unsupported = (  # (argument, is it used, what was given, why it cannot be)
-        ("mask", mask is not None, "an array", "ring attention takes is_causal, no dense mask; decode unsharded"),
-        ("bias", bias is not None, "an array", "ring attention takes no dense bias"),
-        ("dropout_rate", not deterministic and dropout_rate > 0.0, dropout_rate, "no attention dropout"),
-        ("module", module is not None, "a module (sow_weights=True)", "the [T, S] weights are never formed"),
-        ("implementation", implementation is not None, repr(implementation), "the ring computes its tiles"),
-    )
-    for name, used, got, why in unsupported:
-        if used:
-            raise ValueError(
-                f"{name}: not supported by sequence_parallel_attention_fn ({why}); expected None "
-                f"(0 for dropout_rate), got {got}"
-            )
-    dtype = dtype or jnp.result_type(query, key, value)
-    query, key, value = (jnp.asarray(x, dtype) for x in (query, key, value))
-    return sequence_parallel_attention(
-        query, key, value, mesh=mesh, axis_name=axis_name, batch_axis=batch_axis,
-        head_axis=head_axis, layout=layout, strategy=strategy, is_causal=is_causal,
-        logits_soft_cap=logits_soft_cap,
-    )
-
-
-def sequence_parallel_attention_fn(
-    *,
-    mesh: Mesh,
-    axis_name: str,
-    batch_axis: str | None = None,
-    head_axis: str | None = None,
-    layout: str = "contiguous",
-    strategy: str = "ring",
-):
-    """An ``attention_fn`` for ``jattn.nnx.MultiHeadAttention`` (or any caller of the
-    ``jattn.flax_attention_fn`` signature) that runs ``sequence_parallel_attention``.
-
-        attn = jattn.nnx.MultiHeadAttention(..., attention_fn=jattn.sequence_parallel_attention_fn(
-            mesh=mesh, axis_name="sequence", batch_axis="data", layout="zigzag"))
-
-    For training and full-sequence forward passes: ``is_causal`` and ``logits_soft_cap`` are
-    honoured; a dense ``mask`` or ``bias``, attention dropout, ``sow_weights`` and an
-    ``implementation`` raise ValueError. That includes KV-cache decoding (its step mask is
-    dense): decode with a module built on the default ``jattn.flax_attention_fn`` (the
-    parameters are the same). Rows are in ``layout``; for ``'zigzag'`` the caller permutes
-    the sequence (``jattn.ring.to_layout``) and positions (``jattn.ring.layout_positions``).
-    ``strategy`` is as in ``sequence_parallel_attention``.
-    """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh: expected a jax.sharding.Mesh (e.g. from jax.make_mesh), got {type(mesh).__name__}")
-    for name, axis in (("axis_name", axis_name), ("batch_axis", batch_axis), ("head_axis", head_axis)):
-        if (axis is not None or name == "axis_name") and axis not in mesh.axis_names:
-            raise ValueError(f"{name}: expected one of the mesh axes {tuple(mesh.axis_names)}, got {axis!r}")
-    _checks.choice("layout", layout, LAYOUTS)
-    _checks.choice("strategy", strategy, STRATEGIES)
-    return functools.partial(
-        _attention_fn, mesh=mesh, axis_name=axis_name, batch_axis=batch_axis, head_axis=head_axis, layout=layout,
-        strategy=strategy,
-    )

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from jattn.parallel.ring import layout_positions, to_layout
-from jattn.parallel.sequence_parallel import sequence_parallel_attention_fn
+from jattn.flax_attention_fn import sequence_parallel_attention_fn
 from jattn.toy import data, mesh as mesh_lib
 from jattn.toy.model import create_model
 
