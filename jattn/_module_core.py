@@ -9,9 +9,9 @@ its checks (``head_dims``), the input defaults and checks (``module_inputs``), t
 decision (``dropout_active``), and ``attend``: RoPE, the KV-cache decode step, the call of
 ``attention_fn`` (one keyword list, ``precision=`` and the sow target included) and the
 poisoning of cache rows that a decode under ``jit`` could not write (see ``jattn._kv_cache``).
-A plain causal decode step (default ``attention_fn``, no mask, lengths, dropout, sow,
-implementation or precision) goes through ``jattn.decode_attention`` instead, which reads
-only the written part of each row's cache.
+A plain causal decode step of at most ``DECODE_MAX_TOKENS`` new tokens (default
+``attention_fn``, no mask, lengths, dropout, sow, implementation or precision) goes through
+``jattn.decode_attention`` instead, which reads only the written part of each row's cache.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ from jattn.kernels import paged
 from jattn.kernels.decode import decode_attention
 from jattn.flax_attention_fn import flax_attention_fn
 from jattn.rope import apply_rope
+
+# Longest step sent to ``decode_attention`` (its design range: a token, or a speculative
+# draft). A longer step (a prompt) is a prefill, whose logits the general path computes as
+# matrix products; through decode_attention a 2048-token prompt took twice as long.
+DECODE_MAX_TOKENS = 16
 
 
 def head_dims(num_heads, num_kv_heads, qkv_features, rope_base) -> tuple[int, int, int]:
@@ -163,8 +168,8 @@ def attend(
         key, value = step.cache.key, step.cache.value  # [*B, L, K, H]
         ok = step.ok
         if (attention_fn is flax_attention_fn and is_causal and plain_step and lengths is None
-                and dropout_rng is None and sow_into is None and implementation is None
-                and precision is None):
+                and T <= DECODE_MAX_TOKENS and dropout_rng is None and sow_into is None
+                and implementation is None and precision is None):
             # A plain causal decode step: the split-K path reads only each row's written slots
             # (``jattn.decode_attention``), not the whole cache through a [T, L] mask.
             dt = dtype or jnp.result_type(query, key, value)

@@ -187,8 +187,9 @@ def test_bad_input():
 
 
 def test_module_decode_fast_path_equals_general_path(monkeypatch):
-    """nnx.MultiHeadAttention's plain causal decode steps go through decode_attention; a copy of
-    the default attention_fn forces the general masked path. Same outputs, prefill and steps."""
+    """nnx.MultiHeadAttention's plain causal decode steps of up to DECODE_MAX_TOKENS tokens go
+    through decode_attention, a longer prefill through the general path; a copy of the default
+    attention_fn forces the general masked path. Same outputs, prefills and steps."""
     import functools
 
     from flax import nnx
@@ -209,14 +210,17 @@ def test_module_decode_fast_path_equals_general_path(monkeypatch):
     def make(attention_fn):
         m = MultiHeadAttention(4, 8, num_kv_heads=2, rope_base=100.0, logits_soft_cap=5.0, decode=True,
                                attention_fn=attention_fn, rngs=nnx.Rngs(0))
-        m.init_cache((2, 9, 8))
+        m.init_cache((2, L, 8))
         return m
 
+    long = _module_core.DECODE_MAX_TOKENS + 1
+    L = long + 9
     fast, general = make(flax_attention_fn), make(functools.partial(flax_attention_fn))
-    x = np.random.default_rng(9).standard_normal((2, 9, 8)).astype(np.float32)
-    for chunk in (slice(0, 5), slice(5, 6), slice(6, 9)):  # prefill, one token, three tokens
+    x = np.random.default_rng(9).standard_normal((2, L, 8)).astype(np.float32)
+    # a long prefill (general path), a short prefill, one token, three tokens (split-K path)
+    for chunk in (slice(0, long), slice(long, long + 5), slice(long + 5, long + 6), slice(long + 6, L)):
         a = fast(x[:, chunk], is_causal=True)
         b = general(x[:, chunk], is_causal=True)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(fast.cache_index[...]), [9, 9])
-    assert len(calls) == 3, calls  # every fast-module step took the split-K path, no general one did
+    np.testing.assert_array_equal(np.asarray(fast.cache_index[...]), [L, L])
+    assert calls == [(2, 5, 4, 2), (2, 1, 4, 2), (2, 3, 4, 2)], calls  # the short steps, not the prefill

@@ -55,7 +55,7 @@ class Partial(NamedTuple):
     o: jax.Array  # [K, R, Hv] sum of exp(logit - m) · value
 
 
-def split_partial(q, k, v, pos, first, length, Tq: int, static: Static) -> Partial:
+def split_partial(q, k, v, pos, first, length, Tq: int, static: Static, dots: bool = False) -> Partial:
     """Softmax partial of one split for one batch row (all its query rows and kv heads).
 
     Args:
@@ -65,6 +65,9 @@ def split_partial(q, k, v, pos, first, length, Tq: int, static: Static) -> Parti
       first: scalar; keys before it belong to another split (a clamped last split).
       length: scalar; keys at ``>= length`` are not written yet.
       Tq: query tokens; token ``t`` sits at position ``length - Tq + t``.
+      dots: logits and weighted values as matrix products (XLA CPU transposes the split for
+        them: worth it for a whole small cache, see ``_decode``), else as products and sums in
+        the split's own layout.
 
     Returns:
       Partial with m, l [K, R] and o [K, R, Hv] in fp32 (float64 for float64 inputs).
@@ -76,10 +79,13 @@ def split_partial(q, k, v, pos, first, length, Tq: int, static: Static) -> Parti
     # multiple of 8 (a full vector of fp32 lanes): XLA CPU then runs one vectorised pass over
     # the split in its [c, K, H] layout. A dot_general would transpose the split to [K, c, H]
     # first, and per-head dots copy each strided [c, H] slice (benchmarks/bench_decode.py).
-    R8 = -(-R // 8) * 8
-    qt = jnp.pad(q.astype(acc) * static.scale, ((0, 0), (0, R8 - R), (0, 0)))  # [K, R8, H]
-    qt = jnp.transpose(qt, (0, 2, 1))  # [K, H, R8]
-    s = jnp.sum(k[..., None].astype(acc) * qt[None], axis=2)[..., :R]  # [c, K, R]
+    if dots:
+        s = jnp.einsum("ckh,krh->ckr", k.astype(acc), q.astype(acc) * static.scale)  # [c, K, R]
+    else:
+        R8 = -(-R // 8) * 8
+        qt = jnp.pad(q.astype(acc) * static.scale, ((0, 0), (0, R8 - R), (0, 0)))  # [K, R8, H]
+        qt = jnp.transpose(qt, (0, 2, 1))  # [K, H, R8]
+        s = jnp.sum(k[..., None].astype(acc) * qt[None], axis=2)[..., :R]  # [c, K, R]
     s = soft_cap(s, static.logits_soft_cap)
     q_pos = length - Tq + jnp.arange(R) // G  # [R]
     key_ok = (pos >= first) & (pos < length)  # [c]
@@ -91,7 +97,10 @@ def split_partial(q, k, v, pos, first, length, Tq: int, static: Static) -> Parti
     p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[None])  # [c, K, R]; hidden -> 0
     # Unwritten slots may hold anything (NaN included): zero them, 0 · NaN would leak.
     v = jnp.where(key_ok[:, None, None], v, jnp.zeros((), v.dtype))  # [c, K, Hv]
-    o = jnp.sum(p[..., None] * v[:, :, None, :].astype(acc), axis=0)  # [K, R, Hv]
+    if dots:
+        o = jnp.einsum("ckr,ckh->krh", p, v.astype(acc))  # [K, R, Hv]
+    else:
+        o = jnp.sum(p[..., None] * v[:, :, None, :].astype(acc), axis=0)  # [K, R, Hv]
     return Partial(m, jnp.sum(p, axis=0), o)
 
 
@@ -224,8 +233,10 @@ def _decode(q, key_cache, value_cache, lengths, *, static: Static, num_splits: i
         return k, v, start + jnp.arange(c), j * c
 
     if num_splits == 1:
-        # One split holds the whole cache: nothing to skip, so no loop; all rows at once.
-        one = jax.vmap(lambda q, k, v, n: split_partial(q, k, v, jnp.arange(S), 0, n, Tq, static))
+        # One split holds the whole cache: nothing to skip, so no loop; all rows at once, as
+        # batched matrix products (for a cache this small they beat the products and sums of
+        # the loop, 2-5x at G=1 and small H: benchmarks/bench_toy_decode.py).
+        one = jax.vmap(lambda q, k, v, n: split_partial(q, k, v, jnp.arange(S), 0, n, Tq, static, dots=True))
         out = finish(one(q, key_cache, value_cache, lengths), q.dtype)  # [B, K, R, Hv]
     else:
         out = run_splits(q, lengths, (key_cache, value_cache), fetch, Tq, Hv, static, num_splits, q.dtype)
