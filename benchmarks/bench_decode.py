@@ -10,7 +10,7 @@ rounds (min of the rounds; the machine is shared, so minima are the least noisy)
 
 - ``decode``: ``jattn.decode_attention`` with every row at length S.
 - ``ragged``: the same with lengths uniform in [S/8, S] (seeded).
-- ``paged``: ``jattn.paged.paged_decode_attention`` over a pool with shuffled pages, lengths S.
+- ``paged``: ``jattn.kernels.paged.paged_decode_attention`` over a pool with shuffled pages, lengths S.
 - ``jax.nn`` / ``jattn.dpa``: the general paths, which read the whole cache.
 
 Achieved bandwidth = K+V bytes the step needs / step time; ``fraction`` divides it by the
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jattn
-from jattn import paged
+from jattn.kernels import paged
 
 B, N, K, H = 8, 32, 8, 128
 
@@ -104,7 +104,7 @@ def run(dtype, S: int, rounds: int, seed: int = 0) -> dict:
     k, v = _cache(rng, S, dtype), _cache(rng, S, dtype)
     full = jnp.full((B,), S, jnp.int32)
     ragged = jnp.asarray(np.random.default_rng(seed).integers(S // 8, S + 1, size=B), jnp.int32)
-    split = jattn.decode.default_split_size(S, K, H, N // K)
+    split = jattn.kernels.decode.default_split_size(S, K, H, N // K)
     cache = _paged_pool(k, v, split, seed)
 
     # The bandwidth reference reads float32 arrays of the caches' byte size: the caches

@@ -9,7 +9,7 @@ fixed number of batch slots, the way serving systems do: a slot that finishes is
 pages go back to the pool) and the next request takes it while the other slots keep decoding.
 Each engine step runs every slot at once: a newly admitted request prefills its whole prompt
 (left-padded to T_pad, so its last token sits last), the others feed their one new token.
-Attention reads the pages in place (``jattn.paged``).
+Attention reads the pages in place (``jattn.kernels.paged``).
 
 The reference generates each request alone, with the module's own fixed-size KV cache
 (``decode=True``); the tokens must be the same, one for one.
@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 import jattn
-from jattn import paged
+from jattn.kernels import paged
 from jattn.nnx import MultiHeadAttention
 
 

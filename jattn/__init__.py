@@ -1,8 +1,5 @@
 """jattn: exact, memory-aware attention for JAX."""
 
-import importlib as _importlib
-import sys as _sys
-
 from jattn import flex
 from jattn.core import masks
 from jattn.core.attention import attention
@@ -37,32 +34,6 @@ __all__ = [
     "ulysses_attention",
 ]
 __version__ = "0.1.0"
-
-# The files live by layer (core/, kernels/, parallel/; see the README's map); the module
-# paths users, docs and tests know (``jattn.masks``, ``jattn.ring``, ``jattn.paged``, ...)
-# stay importable: each is the layer's module under its old name.
-_MOVED = {
-    "attention": "jattn.core.attention",
-    "masks": "jattn.core.masks",
-    "_checks": "jattn.core._checks",
-    "_finite": "jattn.core._finite",
-    "spec": "jattn.core.spec",
-    "blockwise": "jattn.kernels.blockwise",
-    "chunked": "jattn.kernels.chunked",
-    "decode": "jattn.kernels.decode",
-    "paged": "jattn.kernels.paged",
-    "_score_tiles": "jattn.kernels._score_tiles",
-    "ring": "jattn.parallel.ring",
-    "ulysses": "jattn.parallel.ulysses",
-    "sequence_parallel": "jattn.parallel.sequence_parallel",
-    "context_parallel": "jattn.parallel.context_parallel",
-}
-for _name, _path in _MOVED.items():
-    _module = _importlib.import_module(_path)
-    _sys.modules.setdefault(f"jattn.{_name}", _module)
-    globals().setdefault(_name, _module)  # jattn.attention stays the function
-del _name, _path, _module
-
 
 def __getattr__(name: str):
     """``jattn.nnx`` / ``jattn.linen`` (Flax) are imported on first use."""

@@ -202,12 +202,12 @@ def attend_paged(query, key, value, cache: paged.PagedKVCache, *, mask, lengths,
     Args:
       query: ``[B, T, N, H]`` (one batch dim: the cache's sequence slots).
       key, value: ``[B, T, K, H|Hv]`` the new tokens' keys and values, all T real.
-      cache: the module's ``jattn.paged.PagedKVCache``.
+      cache: the module's ``jattn.kernels.paged.PagedKVCache``.
       positions, kv_positions: RoPE positions, default each sequence's length + t.
 
     Returns:
       ``(x [B, T, N, Hv], new_cache)``. Misuse raises eagerly; under ``jit`` the sequence is
-      flagged and its outputs are NaN (see ``jattn.paged``).
+      flagged and its outputs are NaN (see ``jattn.kernels.paged``).
     """
     if mask is not None or lengths is not None or not is_causal:
         raise ValueError(

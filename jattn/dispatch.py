@@ -191,7 +191,7 @@ def explain_implementation(query, key, value, bias=None, mask=None, **kwargs) ->
     """Which implementation ``jattn.dot_product_attention`` would run for these arguments, and why.
 
     Takes exactly the arguments of ``dot_product_attention`` (arrays or ``jax.ShapeDtypeStruct``)
-    and validates them the same way (``jattn.spec.attention_spec``); nothing is computed or compiled.
+    and validates them the same way (``jattn.core.spec.attention_spec``); nothing is computed or compiled.
     """
     arrays = {name: kwargs.pop(name) for name in _ARRAY_KWARGS if name in kwargs}
     seen: list[Choice] = []

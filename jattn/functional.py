@@ -3,7 +3,7 @@
 Shape glossary: B batch (any number of leading dims), T query length, S key length, N query
 heads, K key/value heads, H key head dim, Hv value head dim.
 
-Reads top to bottom: check and normalise the arguments (``jattn.spec``), choose the
+Reads top to bottom: check and normalise the arguments (``jattn.core.spec``), choose the
 implementation (``jattn.dispatch``), run it over every head (``jattn.multihead``), give the
 results the caller's shapes. The layers below know nothing of this one.
 """

@@ -95,7 +95,7 @@ class MultiHeadAttention(nn.Module):
 
     def init_paged_cache(self, features: int, num_pages: int, page_size: int, *, batch_size: int,
                          max_pages_per_sequence: int, dtype=jnp.float32) -> None:
-        """Put an empty paged KV cache (``jattn.paged``) for inputs with ``features`` channels in
+        """Put an empty paged KV cache (``jattn.kernels.paged``) for inputs with ``features`` channels in
         the ``'cache'`` collection as ``paged_cache``; decode calls (``is_causal=True``, no mask
         or lengths) then reserve pages, append and attend over the pages."""
         _, K, H = self._heads(features)

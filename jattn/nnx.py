@@ -165,12 +165,12 @@ class MultiHeadAttention(nnx.Module):
 
     def init_paged_cache(self, num_pages: int, page_size: int, *, batch_size: int,
                          max_pages_per_sequence: int, dtype=jnp.float32) -> None:
-        """Decode over a paged KV cache (``jattn.paged``) instead of the fixed one.
+        """Decode over a paged KV cache (``jattn.kernels.paged``) instead of the fixed one.
 
         ``paged_cache`` holds a ``PagedKVCache`` with ``batch_size`` sequence slots; each decode
         call (``is_causal=True``, no mask or lengths) reserves pages, appends its T tokens and
         attends over the pages. Free a finished slot with
-        ``m.paged_cache.set_value(jattn.paged.free(m.paged_cache.get_value(), rows))``.
+        ``m.paged_cache.set_value(jattn.kernels.paged.free(m.paged_cache.get_value(), rows))``.
         """
         self.paged_cache = nnx.Cache(paged.init(
             num_pages, page_size, self.num_kv_heads, self.head_dim, batch_size=batch_size,

@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jattn  # noqa: E402
-from jattn import ring  # noqa: E402
+from jattn.parallel import ring  # noqa: E402
 
 
 def global_array(x: np.ndarray, mesh, spec):

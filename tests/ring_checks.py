@@ -20,7 +20,8 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jattn  # noqa: E402
-from jattn import flex, ring  # noqa: E402
+from jattn import flex  # noqa: E402
+from jattn.parallel import ring  # noqa: E402
 
 PARITY_DEFAULTS = dict(B=2, T=16, N=2, K=2, H=5, Hv=3)
 
@@ -202,7 +203,7 @@ def ulysses():
 
 def decode():
     """Context-parallel decoding over a cache sharded on 8 devices vs one device."""
-    from jattn.context_parallel import context_parallel_decode
+    from jattn.parallel.context_parallel import context_parallel_decode
 
     r = {}
     rng = np.random.default_rng(30)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import chunked
+from jattn.kernels import chunked
 from reference import naive_attention
 
 B, N, K, H, HV = 2, 4, 2, 5, 3  # GQA: two query heads per kv head; value dim != key dim

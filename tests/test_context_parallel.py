@@ -1,4 +1,4 @@
-"""Context-parallel decoding (jattn.context_parallel): a KV cache sharded along its sequence over
+"""Context-parallel decoding (jattn.parallel.context_parallel): a KV cache sharded along its sequence over
 8 simulated CPU devices equals single-device attention (subprocess, tests/ring_checks.py), only
 small all-reduces travel, and bad input is named."""
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn.context_parallel import context_parallel_decode
+from jattn.parallel.context_parallel import context_parallel_decode
 from test_ring import _run_group
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import decode as decode_lib
+from jattn.kernels import decode as decode_lib
 from reference import naive_attention
 
 

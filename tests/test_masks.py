@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jattn import masks
+from jattn.core import masks
 from reference import allowed_mask
 
 T, S = 5, 11

@@ -179,3 +179,76 @@ def test_wheel_builds_with_py_typed_and_lean_requirements(tmp_path):
     assert sorted(r.split(">")[0].split("=")[0].strip() for r in required) == ["jax", "jaxlib"]
     extras = set(meta.get_all("Provides-Extra"))
     assert {"flax", "toy", "test"} <= extras
+
+
+# Paths the package had before its files were grouped by layer; none may come back as an alias.
+OLD_PATHS = ("attention", "masks", "_checks", "_finite", "spec", "blockwise", "chunked", "decode", "paged",
+             "_score_tiles", "ring", "ulysses", "sequence_parallel", "context_parallel")
+
+
+def test_every_loaded_jattn_module_is_its_own_file():
+    """No module alias: every ``jattn.*`` entry of ``sys.modules`` is the module of that name, and
+    the old flat paths (``jattn.ring``, ``jattn.paged``, ...) do not import."""
+    import importlib
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    code = ("import json, sys, jattn, jattn.nnx, jattn.linen\n"
+            "print(json.dumps({k: m.__name__ for k, m in sys.modules.items() if k.startswith('jattn')}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    aliases = {k: v for k, v in loaded.items() if k != v}
+    assert not aliases, f"module aliases in sys.modules: {aliases}"
+    for name in OLD_PATHS:
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"jattn.{name}")
+    # The documented namespaces stay: the seed formula is the function, the masks the core's module.
+    assert callable(jattn.attention) and jattn.masks.__name__ == "jattn.core.masks"
+
+
+def _documented_paths() -> dict[str, set[str]]:
+    """``jattn.a.b`` dotted names and ``jattn/a/b.py`` file paths written in README, docs/,
+    examples/ and benchmarks/ (prose, code blocks, imports and mkdocstrings directives)."""
+    import re
+
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "examples").glob("*.py")),
+             *sorted((ROOT / "benchmarks").glob("*.py"))]
+    found: dict[str, set[str]] = {}
+    for f in files:
+        text = f.read_text()
+        names = set(re.findall(r"(?<![\w/.])jattn(?:\.[A-Za-z_]\w*)+", text))
+        names |= {f"{m}.{n}" for m, ns in re.findall(r"from (jattn(?:\.\w+)*) import \(?([\w ,]+)", text)
+                  for n in (x.strip().split(" as ")[0] for x in ns.split(",")) if n}
+        names |= set(re.findall(r"(?<![\w/.])jattn/[\w/]+\.py\b", text))
+        for n in names:
+            found.setdefault(n, set()).add(str(f.relative_to(ROOT)))
+    return found
+
+
+def _resolves(path: str) -> bool:
+    import importlib
+
+    if "/" in path:
+        return (ROOT / path).exists()
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_documented_module_paths_import():
+    """Every ``jattn.x.y`` the README, docs, examples and benchmarks name imports (or is an
+    attribute of what imports), and every ``jattn/x.py`` they name exists."""
+    found = _documented_paths()
+    assert "jattn.parallel.ring.to_layout" in found and "jattn.dot_product_attention" in found
+    labels = {"jattn.dpa"}  # a benchmark's column name (dot_product_attention), not a path
+    broken = {p: sorted(w) for p, w in found.items() if p not in labels and not _resolves(p)}
+    assert not broken, f"documented paths that do not import / exist: {broken}"

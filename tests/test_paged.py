@@ -1,4 +1,4 @@
-"""jattn.paged: the paged KV cache against dense decode_attention, page bookkeeping, misuse."""
+"""jattn.kernels.paged: the paged KV cache against dense decode_attention, page bookkeeping, misuse."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import paged
+from jattn.kernels import paged
 
 
 def _inputs(B, Tq, S, N, K, H, seed=0):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import ring
+from jattn.parallel import ring
 
 HERE = os.path.dirname(__file__)
 
@@ -255,7 +255,7 @@ Q = np.ones((1, 4, 2, 3), np.float32)
         (dict(query=Q.astype(np.int32)), TypeError, "query: expected a floating dtype"),
         (dict(query=Q[0]), ValueError, "query: expected rank 4 ([B, T, N, H])"),
         (dict(key=np.ones((1, 4, 3, 3), np.float32), value=np.ones((1, 4, 3, 3), np.float32)),
-         ValueError, "N=2 must be a multiple of the key/value heads K=3"),
+         ValueError, "N=2 must be a multiple of the kv heads K=3"),
         (dict(value=np.ones((1, 5, 2, 3), np.float32)), ValueError, "value: expected shape (1, 4, 2, 'Hv')"),
         (dict(scale="big"), TypeError, "scale: expected a number"),
         (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap: expected a value in (0"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import ulysses
+from jattn.parallel import ulysses
 from test_ring import _run_group
 
 
@@ -45,7 +45,7 @@ def test_kv_replication_is_minimal_and_divides(K, P):
 
 
 def test_zigzag_stored_order_matches_ring_layout():
-    np.testing.assert_array_equal(ulysses._stored_order("zigzag", 12, 3), jattn.ring.layout_positions(12, 3, "zigzag"))
+    np.testing.assert_array_equal(ulysses._stored_order("zigzag", 12, 3), jattn.parallel.ring.layout_positions(12, 3, "zigzag"))
     np.testing.assert_array_equal(ulysses._stored_order("contiguous", 6, 2), np.arange(6))
 
 

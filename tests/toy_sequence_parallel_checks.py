@@ -22,7 +22,7 @@ from jax.sharding import AxisType  # noqa: E402
 
 import jattn  # noqa: E402
 import jattn.nnx  # noqa: E402
-from jattn.ring import from_layout, to_layout  # noqa: E402
+from jattn.parallel.ring import from_layout, to_layout  # noqa: E402
 from jattn.toy import mesh as mesh_lib, run, train  # noqa: E402
 
 STEPS = 3

@@ -52,7 +52,7 @@ def rank(name: str, x: Any, expected: int | tuple[int, ...], layout: str) -> tup
     shape = shape_of(name, x)
     allowed = (expected,) if isinstance(expected, int) else expected
     if len(shape) not in allowed:
-        want = " or ".join(str(r) for r in allowed)
+        want = f"at least {allowed[0]}" if len(allowed) > 2 else " or ".join(str(r) for r in allowed)
         raise ValueError(f"{name}: expected rank {want} ({layout}), got shape {shape}")
     return shape
 
@@ -97,13 +97,18 @@ def concrete_number(name: str, x: Any, *, low: float | None = None, high: float 
 
 
 def qkv(query: Any, key: Any, value: Any, *, names: tuple[str, str, str] = ("query", "key", "value"),
-        layout: str = "[*B, T, N, H]", heads: str = "key/value heads") -> tuple:
+        any_batch: bool = True, given: str = "query", T: str = "T") -> tuple:
     """Checks query [*B, T, N, H], key [*B, S, K, H], value [*B, S, K, Hv] (one float dtype, N % K == 0).
 
-    Returns ``(batch_shape, T, N, H, S, K, Hv)``; errors name the arguments as ``names`` gives them.
+    ``any_batch=False`` asks for exactly one batch dim (rank 4). ``given`` is the array the
+    others must match: ``'query'``, or ``'key'`` where key/value are a cache whose shape is fixed
+    (a mismatch is then reported on the query). Returns ``(batch_shape, T, N, H, S, K, Hv)``;
+    errors name the arguments as ``names`` gives them and the query length ``T``.
     """
     qn, kn, vn = names
-    q_shape = rank(qn, query, tuple(range(3, 64)), layout)
+    b = "*B" if any_batch else "B"
+    ranks = tuple(range(3, 64)) if any_batch else 4
+    q_shape = rank(qn, query, ranks, f"[{b}, {T}, N, H]")
     k_shape = shape_of(kn, key)
     v_shape = shape_of(vn, value)
     for name, x in zip(names, (query, key, value)):
@@ -114,18 +119,23 @@ def qkv(query: Any, key: Any, value: Any, *, names: tuple[str, str, str] = ("que
     batch_shape = q_shape[:-3]
     T, N, H = q_shape[-3:]
     if len(k_shape) != len(q_shape) or k_shape[:-3] != batch_shape or k_shape[-1] != H:
+        if given == "key":
+            raise ValueError(
+                f"{qn}: expected shape {k_shape[:-3] + (T, 'N', k_shape[-1])} ([{b}, {T}, N, H] matching "
+                f"{kn} {k_shape}), got {q_shape}"
+            )
         raise ValueError(
-            f"{kn}: expected shape {batch_shape + ('S', 'K', H)} ([*B, S, K, H] matching "
+            f"{kn}: expected shape {batch_shape + ('S', 'K', H)} ([{b}, S, K, H] matching "
             f"{qn} {q_shape}), got {k_shape}"
         )
     S, K = k_shape[-3], k_shape[-2]
     if len(v_shape) != len(k_shape) or v_shape[:-1] != k_shape[:-1]:
         raise ValueError(
-            f"{vn}: expected shape {k_shape[:-1] + ('Hv',)} ([*B, S, K, Hv] matching {kn} "
+            f"{vn}: expected shape {k_shape[:-1] + ('Hv',)} ([{b}, S, K, Hv] matching {kn} "
             f"{k_shape}), got {v_shape}"
         )
     if K == 0 or N % K:
-        raise ValueError(f"{qn}, {kn}: the number of query heads N={N} must be a multiple of the {heads} K={K}")
+        raise ValueError(f"{qn}, {kn}: the number of query heads N={N} must be a multiple of the kv heads K={K}")
     return batch_shape, T, N, H, S, K, v_shape[-1]
 
 

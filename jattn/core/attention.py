@@ -69,7 +69,7 @@ def attention_head(
 
     A row that can see no key (everything masked, or every bias entry -inf) gives exactly 0
     with zero gradients, rather than the mean of v. A NaN or inf in a query, key or value row
-    makes NaN the rows that see it, and only those (``jattn._finite``).
+    makes NaN the rows that see it, and only those (``jattn.core._finite``).
     """
     T, S = q.shape[0], k.shape[0]
     f32 = jnp.promote_types(q.dtype, jnp.float32)

@@ -4,11 +4,15 @@ Shape glossary: B batch (any number of leading dims, flattened inside), T query 
 S key length, N query heads, K key/value heads (N = K·G), G query heads per kv head,
 H key head dim, Hv value head dim.
 
-``attention_spec`` is the one validator of the functional API: every check runs on static
-shapes and dtypes (``jattn._checks``), raises a ``ValueError``/``TypeError`` naming the argument
-before anything reaches XLA, and the result holds only normalised values: a hashable
-``Config`` and the ``Arrays`` with batch dims flattened and heads split K×G. ``options``
-normalises the scalar options every entry point shares (scale, soft cap, window).
+``check_arrays`` is the one validator of the array arguments every entry point shares
+(``dot_product_attention`` and its 'chunked' kernel, ring, Ulysses, ``sequence_parallel_attention``,
+``context_parallel_decode``, ``decode_attention``, the paged cache, ``flex_attention``):
+query/key/value, dense bias/mask, lengths, segment ids. ``options`` normalises the scalar
+options they share (scale, soft cap, window) and ``block_sizes`` the tile sizes. Every
+check runs on static shapes and dtypes (``jattn.core._checks``) and raises a
+``ValueError``/``TypeError`` naming the argument, expected vs actual, before anything
+reaches XLA. ``attention_spec`` builds on them the normalised call of the functional API:
+a hashable ``Config`` and the ``Arrays`` with batch dims flattened and heads split K×G.
 """
 
 from __future__ import annotations
@@ -68,6 +72,108 @@ class AttentionSpec(NamedTuple):
     return_weights: bool
 
 
+class Shapes(NamedTuple):
+    """The sizes of a checked call (see the glossary); ``batch_shape`` is ``(B,)`` for rank-4 entry points."""
+
+    batch_shape: tuple[int, ...]
+    T: int
+    N: int
+    H: int
+    S: int
+    K: int
+    Hv: int
+
+    @property
+    def B(self) -> int:
+        return math.prod(self.batch_shape)
+
+    @property
+    def G(self) -> int:
+        return self.N // self.K
+
+
+def check_arrays(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    names: dict[str, str] | None = None,
+    any_batch: bool = True,
+    dense_masks: str | None = None,
+    given: str = "query",
+    T: str = "T",
+    nonempty: bool = False,
+) -> Shapes:
+    """Check the array arguments of an attention call; the one validator every entry point uses.
+
+    Args:
+      query: ``[*B, T, N, H]`` floating.
+      key: ``[*B, S, K, H]``, the dtype of ``query``; N a multiple of K.
+      value: ``[*B, S, K, Hv]``, the dtype of ``query``.
+      bias: None, or floating, broadcastable to ``[*B, N, T, S]``.
+      mask: None, or bool, broadcastable to ``[*B, N, T, S]``.
+      query_seq_lengths: None, or integer ``[*B]``.
+      key_value_seq_lengths: None, or integer ``[*B]``.
+      q_segment_ids: None, or integer ``[*B, T]``; given together with ``kv_segment_ids``.
+      kv_segment_ids: None, or integer ``[*B, S]``.
+      names: what the caller calls these arguments where it differs from the keys here, e.g.
+        ``{"key": "key_cache", "key_value_seq_lengths": "lengths"}``.
+      any_batch: False asks for exactly one batch dim ``B`` (rank 4).
+      dense_masks: None allows ``bias``/``mask``; a reason (why the entry point has no dense
+        masks) refuses them with that reason.
+      given: ``'key'`` where key/value are a cache whose shape is fixed: a mismatch is
+        reported on the query.
+      T: the name of the query length in messages (``'Tq'`` for decoding).
+      nonempty: T >= 1 and S >= 1 are required.
+
+    Returns:
+      ``Shapes(batch_shape, T, N, H, S, K, Hv)``.
+    """
+    name = dict(zip(_ARGS, _ARGS)) | (names or {})
+    b = "*B" if any_batch else "B"
+    batch_shape, Tn, N, H, S, K, Hv = _checks.qkv(
+        query, key, value, names=(name["query"], name["key"], name["value"]), any_batch=any_batch, given=given, T=T)
+    if nonempty and (Tn == 0 or S == 0):
+        raise ValueError(f"{name['query']}, {name['key']}: expected {T} >= 1 and S >= 1, got {T}={Tn}, S={S}")
+    for arg, x, dtype_check in (("bias", bias, _checks.floating), ("mask", mask, _checks.boolean)):
+        if x is None:
+            continue
+        if dense_masks is not None:
+            raise ValueError(
+                f"{name[arg]}: {dense_masks}; a dense [T, S] {arg} is not supported, got an array of "
+                f"shape {_checks.shape_of(name[arg], x)}"
+            )
+        dtype_check(name[arg], x)
+        _checks.broadcastable(name[arg], x, batch_shape + (N, Tn, S), f"[{b}, N, {T}, S]")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        qs, kvs = name["q_segment_ids"], name["kv_segment_ids"]
+        raise ValueError(
+            f"{qs}, {kvs}: expected both or neither, got {qs}={'None' if q_segment_ids is None else 'an array'}, "
+            f"{kvs}={'None' if kv_segment_ids is None else 'an array'}"
+        )
+    per_batch = (
+        ("query_seq_lengths", query_seq_lengths, (), f"[{b}]"),
+        ("key_value_seq_lengths", key_value_seq_lengths, (), f"[{b}]"),
+        ("q_segment_ids", q_segment_ids, (Tn,), f"[{b}, {T}]"),
+        ("kv_segment_ids", kv_segment_ids, (S,), f"[{b}, S]"),
+    )
+    for arg, x, trailing, layout in per_batch:
+        if x is not None:
+            _checks.integer(name[arg], x)
+            _checks.exact_shape(name[arg], x, batch_shape + trailing, layout)
+    return Shapes(batch_shape, Tn, N, H, S, K, Hv)
+
+
+_ARGS = ("query", "key", "value", "bias", "mask", "query_seq_lengths", "key_value_seq_lengths", "q_segment_ids",
+         "kv_segment_ids")
+
+
 def options(H: int, scale, logits_soft_cap, local_window_size, window_limit: int | None):
     """(scale, logits_soft_cap, window) normalised: static floats, ``(left, right)`` or None."""
     scale = _checks.default_scale(H) if scale is None else _checks.concrete_number("scale", scale)
@@ -78,33 +184,26 @@ def options(H: int, scale, logits_soft_cap, local_window_size, window_limit: int
     return scale, logits_soft_cap, window
 
 
-def segment_ids_pair(q_segment_ids, kv_segment_ids) -> None:
-    """Segment ids come both or neither."""
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError(
-            "q_segment_ids, kv_segment_ids: expected both or neither, got "
-            f"q_segment_ids={'None' if q_segment_ids is None else 'an array'}, "
-            f"kv_segment_ids={'None' if kv_segment_ids is None else 'an array'}"
-        )
-
-
-def _block_sizes(block_sizes):
-    if block_sizes is None:
+def check_block_sizes(sizes, divide: tuple[int, int] | None = None, what: str = "query and key lengths"):
+    """``(block_q, block_kv)`` of positive ints (dividing ``divide``, the ``what``, where the
+    caller needs that) as a tuple, or None."""
+    if sizes is None:
         return None
-    if (not isinstance(block_sizes, (tuple, list)) or len(block_sizes) != 2
-            or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0 for b in block_sizes)):
-        raise ValueError(f"block_sizes: expected (block_q, block_kv) of positive ints, got {block_sizes!r}")
-    return tuple(int(b) for b in block_sizes)
+    ok = (isinstance(sizes, (tuple, list)) and len(sizes) == 2
+          and all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0 for b in sizes))
+    if not ok or (divide is not None and (divide[0] % sizes[0] or divide[1] % sizes[1])):
+        dividing = "" if divide is None else f" dividing the {what} {tuple(divide)}"
+        raise ValueError(f"block_sizes: expected (block_q, block_kv) of positive ints{dividing}, got {sizes!r}")
+    return int(sizes[0]), int(sizes[1])
 
 
-def _split_heads(x, name: str, batch_shape, N: int, K: int, T: int, S: int):
-    """[*, N|1, T|1, S|1] broadcastable to [*B, N, T, S] -> [Bm, Km, Gm, T, S]."""
+def _split_heads(x, batch_shape, N: int, K: int, T: int, S: int):
+    """[*, N|1, T|1, S|1] broadcastable to [*B, N, T, S] (checked) -> [Bm, Km, Gm, T, S]."""
     if x is None:
         return None
-    full = batch_shape + (N, T, S)
-    padded = _checks.broadcastable(name, x, full, "[*B, N, T, S]")
-    x = jnp.reshape(x, padded)
     nb = len(batch_shape)
+    padded = (1,) * (nb + 3 - jnp.ndim(x)) + tuple(jnp.shape(x))
+    x = jnp.reshape(x, padded)
     if all(d == 1 for d in padded[:nb]):
         x = jnp.reshape(x, (1,) + padded[nb:])  # [1, N|1, T|1, S|1]
     else:
@@ -116,13 +215,9 @@ def _split_heads(x, name: str, batch_shape, N: int, K: int, T: int, S: int):
     return jnp.reshape(x, (Bm,) + heads + (T, S))  # [Bm, Km, Gm, T, S]
 
 
-def _per_batch(x, name: str, dtype_check, batch_shape, trailing: tuple[int, ...], layout: str):
-    """Lengths [*B] or segment ids [*B, L] -> flattened [B] / [B, L]."""
-    if x is None:
-        return None
-    dtype_check(name, x)
-    _checks.exact_shape(name, x, batch_shape + trailing, layout)
-    return jnp.reshape(jnp.asarray(x), (math.prod(batch_shape),) + trailing)
+def _flat(x, B: int, trailing: tuple[int, ...] = ()):
+    """Lengths [*B] / segment ids [*B, L] (checked) -> [B] / [B, L]; None stays None."""
+    return None if x is None else jnp.reshape(jnp.asarray(x), (B,) + trailing)
 
 
 def attention_spec(
@@ -150,12 +245,10 @@ def attention_spec(
     block_sizes=None,
 ) -> AttentionSpec:
     """Check ``dot_product_attention``'s arguments (same names) and normalise them."""
-    batch_shape, T, N, H, S, K, Hv = _checks.qkv(query, key, value)
-    if mask is not None:
-        _checks.boolean("mask", mask)
-    if bias is not None:
-        _checks.floating("bias", bias)
-    segment_ids_pair(q_segment_ids, kv_segment_ids)
+    sh = check_arrays(query, key, value, bias, mask, query_seq_lengths=query_seq_lengths,
+                      key_value_seq_lengths=key_value_seq_lengths, q_segment_ids=q_segment_ids,
+                      kv_segment_ids=kv_segment_ids)
+    batch_shape, T, N, H, S, K, Hv = sh
     _checks.choice("causal_alignment", causal_alignment, ("top_left", "bottom_right"))
     scale, logits_soft_cap, window = options(H, scale, logits_soft_cap, local_window_size, T + S)
     dropout_rate = _checks.concrete_number("dropout_rate", dropout_rate, low=0, high=1, high_open=True)
@@ -163,19 +256,18 @@ def attention_spec(
         _checks.shape_of("dropout_rng", dropout_rng)
     else:
         dropout_rate, dropout_rng = 0.0, None
-    B = math.prod(batch_shape)
+    B = sh.B
     arrays = Arrays(
         query=jnp.reshape(query, (B, T, K, N // K, H)),  # [B, T, K, G, H]
         key=jnp.reshape(key, (B, S, K, H)),  # [B, S, K, H]
         value=jnp.reshape(value, (B, S, K, Hv)),  # [B, S, K, Hv]
-        mask=_split_heads(mask, "mask", batch_shape, N, K, T, S),
-        bias=_split_heads(bias, "bias", batch_shape, N, K, T, S),
+        mask=_split_heads(mask, batch_shape, N, K, T, S),
+        bias=_split_heads(bias, batch_shape, N, K, T, S),
         keep=None,
-        q_lengths=_per_batch(query_seq_lengths, "query_seq_lengths", _checks.integer, batch_shape, (), "[*B]"),
-        kv_lengths=_per_batch(key_value_seq_lengths, "key_value_seq_lengths", _checks.integer, batch_shape, (),
-                              "[*B]"),
-        q_segment_ids=_per_batch(q_segment_ids, "q_segment_ids", _checks.integer, batch_shape, (T,), "[*B, T]"),
-        kv_segment_ids=_per_batch(kv_segment_ids, "kv_segment_ids", _checks.integer, batch_shape, (S,), "[*B, S]"),
+        q_lengths=_flat(query_seq_lengths, B),  # [B]
+        kv_lengths=_flat(key_value_seq_lengths, B),  # [B]
+        q_segment_ids=_flat(q_segment_ids, B, (T,)),  # [B, T]
+        kv_segment_ids=_flat(kv_segment_ids, B, (S,)),  # [B, S]
     )
     config = Config(
         scale=scale,
@@ -185,7 +277,7 @@ def attention_spec(
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate,
         broadcast_dropout=bool(broadcast_dropout),
-        block_sizes=_block_sizes(block_sizes),
+        block_sizes=check_block_sizes(block_sizes),
     )
     return AttentionSpec(batch_shape, T, N, S, Hv, config, arrays, dropout_rng, implementation,
                          bool(return_residual), bool(return_weights))

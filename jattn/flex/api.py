@@ -84,7 +84,7 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
     A row that sees no key returns 0 with zero gradients. Softmax runs in fp32 (float64 for
     float64 inputs). NaN in q/k/v or a NaN score is not hidden: it reaches the rows that see it.
     """
-    batch_shape, T, N, H, S, K, Hv = _checks.qkv(query, key, value, heads="kv heads")
+    batch_shape, T, N, H, S, K, Hv = spec.check_arrays(query, key, value)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
     if block_mask is not None and mask_mod is not None and mask_mod is not block_mask.mask_mod:

@@ -4,7 +4,7 @@ Shape glossary: T query length, S key length, d_k key head dim, d_v value head d
 
 Evaluates ``score_mod`` and ``mask_mod`` on the whole [T, S] grid of one head and runs
 jattn's masked softmax. Quadratic in memory; differentiable by plain autodiff (also in the
-mods' closed-over arrays, and forward mode). Non-finite q/k/v rows follow ``jattn._finite``
+mods' closed-over arrays, and forward mode). Non-finite q/k/v rows follow ``jattn.core._finite``
 exactly as the block-sparse kernel does: NaN reaches the rows that see them, and only those.
 """
 

@@ -4,7 +4,7 @@ Shape glossary: Tp/Sp query/key lengths padded to block multiples, bq/bk block s
 nq = Tp/bq, nk = Sp/bk, d_k key head dim, d_v value head dim.
 
 Both ``flex_attention`` and ``dot_product_attention(implementation='chunked')`` run here: the
-latter's built-ins are ready-made mods (``jattn.chunked``) and its dense ``mask``/``bias``
+latter's built-ins are ready-made mods (``jattn.kernels.chunked``) and its dense ``mask``/``bias``
 arrays are per-tile inputs. Each tile's logits are ``score_mod(q·kᵀ·scale) + bias``; an entry
 is hidden by ``mask_mod``, the dense mask, a ``-inf`` bias or a ``-inf`` score_mod result.
 
@@ -17,7 +17,7 @@ each key block j, the query blocks of the transposed view; dK, dV per key block,
 and the gradients of the score_mod's closed-over arrays in carries.
 
 Semantics: NaN is not hidden and propagates to the rows that see it; a NaN or inf in a q, k
-or v row that a row cannot see never reaches that row (``jattn._finite``). A row that sees
+or v row that a row cannot see never reaches that row (``jattn.core._finite``). A row that sees
 nothing gives 0 (lse ``-inf``) and zero gradients. Arithmetic runs in the inputs' dtype
 (callers cast to fp32, or keep float64).
 """

@@ -1,4 +1,4 @@
-"""``jattn.blockwise``'s tile steps with a ``score_mod`` between the scores and the softmax.
+"""``jattn.kernels.blockwise``'s tile steps with a ``score_mod`` between the scores and the softmax.
 
 Shape glossary: tq query rows of a tile, tk key columns of a tile, d_k query/key head dim,
 d_v value head dim.
@@ -8,8 +8,8 @@ batch row, head and global positions (``on_tile`` below); ``consts`` are the arr
 closed over. The logits are ``score(soft_cap(q kᵀ · scale))``; a ``-inf`` score hides an entry
 like the mask, a NaN stays visible and propagates. The backward step returns the gradients of
 the floating ``consts`` too (``None`` for integer ones), so that a score_mod can be trained
-through ring attention. Non-finite q/k/v rows are handled as in ``jattn.blockwise`` and
-``jattn.flex`` (``jattn._finite``): only finite rows are multiplied, and NaN is put back
+through ring attention. Non-finite q/k/v rows are handled as in ``jattn.kernels.blockwise`` and
+``jattn.flex`` (``jattn.core._finite``): only finite rows are multiplied, and NaN is put back
 after the score_mod (so no mod can turn it into a number) where a row sees a bad one; an
 entry hidden by the mask or by a ``-inf`` score never reaches a row.
 
@@ -76,7 +76,7 @@ def on_tile(mod, consts, score, b, h, q_idx, kv_idx):
 def _logits(q_fin, k_fin, q_bad, k_bad, mask_tile, score, consts, scale: float, cap: float | None):
     """(capped scores [tq, tk], the score function's VJP, logits [tq, tk], visible [tq, tk]) of
     finite rows ``q_fin``/``k_fin``; NaN is put back for the bad rows after the score_mod, so
-    that no mod can hide it (``jattn._finite``)."""
+    that no mod can hide it (``jattn.core._finite``)."""
     capped, _ = blockwise.tile_logits(q_fin, k_fin, None, None, None, scale, cap)  # finite: no NaN
     floating = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
 

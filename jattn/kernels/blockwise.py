@@ -37,7 +37,7 @@ API (stable):
   0 when only ``out`` is used). Summing the tile results over all visible tiles gives the full
   gradients; ``dbias`` is None when ``bias_tile`` is.
 
-Non-finite inputs (``jattn._finite``): a query or key row holding a NaN or inf gives NaN
+Non-finite inputs (``jattn.core._finite``): a query or key row holding a NaN or inf gives NaN
 logits, a value row holding one makes NaN every output row that sees it; a hidden key or
 value never reaches a row that does not see it, whatever the tiling.
 

@@ -14,7 +14,7 @@ of a row are merged exactly (online softmax). Only the splits a row can see are 
 Each split is a ``dynamic_slice`` of the cache in its natural ``[S, K, H]`` layout; XLA never
 copies or transposes the whole cache (only the current split, which stays in cache memory).
 
-The same loop runs over a paged cache (``jattn.paged``): there a split is one page.
+The same loop runs over a paged cache (``jattn.kernels.paged``): there a split is one page.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.core import _checks, spec
+from jattn.core import spec
 from jattn.core.attention import soft_cap
 
 # Default split size (num_splits=None), as the bytes of the split's fp32 logit products
@@ -200,15 +200,16 @@ def check_common(scale, logits_soft_cap, local_window_size, H: int):
     return scale, logits_soft_cap, None if window is None else window[0]
 
 
-def check_lengths(lengths, batch_shape, S: int, name: str = "lengths"):
-    """Integer ``[*B]`` lengths in ``[0, S]`` (checked eagerly when concrete) -> int32 ``[B]``."""
-    _checks.integer(name, lengths)
-    _checks.exact_shape(name, lengths, batch_shape, "[*B] valid cache positions per row")
+def check_lengths(lengths, S: int, name: str = "lengths"):
+    """``[*B]`` lengths (dtype and shape checked by ``spec.check_arrays``) in ``[0, S]``, checked
+    eagerly when concrete -> int32 ``[B]``."""
+    if lengths is None:
+        raise TypeError(f"{name}: expected an integer array [*B], got None")
     if not isinstance(lengths, jax.core.Tracer):
         values = np.asarray(lengths)
         if values.size and (values.min() < 0 or values.max() > S):
             raise ValueError(f"{name}: expected values in [0, {S}] (the cache size), got {values.tolist()}")
-    return jnp.reshape(jnp.asarray(lengths, jnp.int32), (math.prod(batch_shape),))
+    return jnp.reshape(jnp.asarray(lengths, jnp.int32), (-1,))
 
 
 def poison_rows(out, bad):
@@ -282,13 +283,11 @@ def decode_attention(query, key_cache, value_cache, *, lengths, scale=None, logi
     Returns:
       ``[*B, Tq, N, Hv]`` in the dtype of ``query``.
     """
-    batch_shape, Tq, N, H, S, K, Hv = _checks.qkv(
-        query, key_cache, value_cache, names=("query", "key_cache", "value_cache"),
-        layout="[*B, Tq, N, H]", heads="kv heads")
-    if S == 0 or Tq == 0:
-        raise ValueError(f"query, key_cache: expected Tq >= 1 and S >= 1, got Tq={Tq}, S={S}")
+    batch_shape, Tq, N, H, S, K, Hv = spec.check_arrays(
+        query, key_cache, value_cache, key_value_seq_lengths=lengths, T="Tq", nonempty=True,
+        names={"key": "key_cache", "value": "value_cache", "key_value_seq_lengths": "lengths"})
     scale, cap, left = check_common(scale, logits_soft_cap, local_window_size, H)
-    lengths = check_lengths(lengths, batch_shape, S)
+    lengths = check_lengths(lengths, S)
     if num_splits is None:
         c = default_split_size(S, K, H, Tq * (N // K))
     else:

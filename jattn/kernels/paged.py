@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.core import _checks
+from jattn.core import _checks, spec
 from jattn.kernels import decode as _decode
 
 OUT_OF_PAGES = 1  # allocate found too few free pages
@@ -315,18 +315,11 @@ def paged_decode_attention(query, cache: PagedKVCache, *, scale=None, logits_sof
     _, Ps, K, H = cache.key_pages.shape
     B = cache.lengths.shape[0]
     Hv = cache.value_pages.shape[-1]
-    _checks.floating("query", query)
-    q_shape = _checks.rank("query", query, 4, "[B, Tq, N, H]")
-    Tq, N = q_shape[1], q_shape[2]
-    if q_shape[0] != B or q_shape[3] != H or N % K:
-        raise ValueError(
-            f"query: expected shape ({B}, Tq, N, {H}) with N a multiple of K={K} (cache slots, "
-            f"kv heads, head dim), got {q_shape}"
-        )
-    if Tq == 0:
-        raise ValueError(f"query: expected Tq >= 1, got shape {q_shape}")
-    if _checks.dtype_of("query", query) != cache.key_pages.dtype:
-        raise TypeError(f"query: expected the cache's dtype {cache.key_pages.dtype}, got {_checks.dtype_of('query', query)}")
+    M = cache.page_table.shape[1]
+    pages = (jax.ShapeDtypeStruct((B, M * Ps, K, H), cache.key_pages.dtype),  # the cache seen as [B, S, K, H|Hv]
+             jax.ShapeDtypeStruct((B, M * Ps, K, Hv), cache.value_pages.dtype))
+    Tq, N = spec.check_arrays(query, *pages, names={"key": "cache.key_pages", "value": "cache.value_pages"},
+                              any_batch=False, given="key", T="Tq", nonempty=True)[1:3]
     if _concrete(cache):
         check(cache)
     scale, cap, left = _decode.check_common(scale, logits_soft_cap, local_window_size, H)

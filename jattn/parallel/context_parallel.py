@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jattn.core import _checks
+from jattn.core import spec
 from jattn.functional import dot_product_attention
 from jattn.parallel.sequence_parallel import _place
 
@@ -62,15 +62,14 @@ def context_parallel_decode(
         raise TypeError(f"mesh: expected a jax.sharding.Mesh (e.g. from jax.make_mesh), got {type(mesh).__name__}")
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name: expected one of the mesh axes {tuple(mesh.axis_names)}, got {axis_name!r}")
-    B, _, _, H = _checks.rank("query", query, 4, "[B, Tq, N, H]")
-    S = _checks.rank("key_cache", key_cache, 4, "[B, S, K, H]")[1]
+    sh = spec.check_arrays(query, key_cache, value_cache, key_value_seq_lengths=key_value_seq_lengths,
+                           names={"key": "key_cache", "value": "value_cache"}, any_batch=False, T="Tq")
     n = mesh.shape[axis_name]
-    if S % n:
-        raise ValueError(f"key_cache: expected a cache length divisible by the {n} devices of {axis_name!r}, got {S}")
+    if sh.S % n:
+        raise ValueError(f"key_cache: expected a cache length divisible by the {n} devices of {axis_name!r}, got {sh.S}")
     if key_value_seq_lengths is None:
-        key_value_seq_lengths = jnp.full((B,), S, jnp.int32)
-    _checks.integer("key_value_seq_lengths", key_value_seq_lengths)
-    _checks.exact_shape("key_value_seq_lengths", key_value_seq_lengths, (B,), "[B]")
+        key_value_seq_lengths = jnp.full((sh.B,), sh.S, jnp.int32)
+    scale, logits_soft_cap, _ = spec.options(sh.H, scale, logits_soft_cap, None, None)
     options = (("scale", scale), ("logits_soft_cap", logits_soft_cap))
     return _run(query, key_cache, value_cache, key_value_seq_lengths, mesh, axis_name, options)
 

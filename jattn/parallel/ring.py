@@ -23,7 +23,7 @@ is computed without evaluating them.
 Mods (``jattn.flex``'s ``mask_mod`` / ``score_mod``) see global indices: original positions,
 and the global batch row / query head when the batch / heads are sharded too (``batch_axis``,
 ``head_axis``). A score_mod's closed-over arrays are arguments of the custom VJP, so they get
-gradients (``jattn._score_tiles``). With a local window the schedule itself is shortened (``_hops``):
+gradients (``jattn.kernels._score_tiles``). With a local window the schedule itself is shortened (``_hops``):
 blocks travel only as far as some query can see, in one or both directions, so a window of
 W costs about W/Tl steps and transfers each way instead of P - 1.
 
@@ -118,53 +118,15 @@ def _check_divisible(name: str, length: int, num_devices: int, layout: str) -> N
         )
 
 
-# ----------------------------------------------------------------------------------------
-# Argument checks shared with sequence_parallel_attention (global shapes there, local here).
-# ----------------------------------------------------------------------------------------
+NO_DENSE_MASKS = "ring attention supports only masks that are cheap per block (is_causal, lengths, segment ids)"
 
 
 def check_arrays(query, key, value, bias, mask, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids):
-    """Validate the array arguments; returns (B, T, S, N, K)."""
-    for name, x in (("bias", bias), ("mask", mask)):
-        if x is not None:
-            raise ValueError(
-                f"{name}: ring attention supports only masks that are cheap per block (is_causal, "
-                f"lengths, segment ids); a dense [T, S] {name} is not supported, got an array of "
-                f"shape {_checks.shape_of(name, x)}"
-            )
-    q_shape = _checks.rank("query", query, 4, "[B, T, N, H]")
-    k_shape = _checks.rank("key", key, 4, "[B, S, K, H]")
-    v_shape = _checks.rank("value", value, 4, "[B, S, K, Hv]")
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        _checks.floating(name, x)
-    dts = {n: _checks.dtype_of(n, x) for n, x in (("query", query), ("key", key), ("value", value))}
-    if len(set(dts.values())) != 1:
-        raise TypeError(f"query, key, value: expected one dtype, got {dts}")
-    B, T, N, H = q_shape
-    if k_shape[0] != B or k_shape[3] != H:
-        raise ValueError(f"key: expected shape ({B}, S, K, {H}) matching query {q_shape}, got {k_shape}")
-    S, K = k_shape[1], k_shape[2]
-    if v_shape[:3] != k_shape[:3]:
-        raise ValueError(f"value: expected shape {k_shape[:3] + ('Hv',)} matching key {k_shape}, got {v_shape}")
-    if K == 0 or N % K:
-        raise ValueError(
-            f"query, key: the number of query heads N={N} must be a multiple of the key/value heads K={K}"
-        )
-    for name, x in (("query_seq_lengths", q_lengths), ("key_value_seq_lengths", kv_lengths)):
-        if x is not None:
-            _checks.integer(name, x)
-            _checks.exact_shape(name, x, (B,), "[B]")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError(
-            "q_segment_ids, kv_segment_ids: expected both or neither, got "
-            f"q_segment_ids={'None' if q_segment_ids is None else 'an array'}, "
-            f"kv_segment_ids={'None' if kv_segment_ids is None else 'an array'}"
-        )
-    for name, x, L in (("q_segment_ids", q_segment_ids, T), ("kv_segment_ids", kv_segment_ids, S)):
-        if x is not None:
-            _checks.integer(name, x)
-            _checks.exact_shape(name, x, (B, L), "[B, T]" if name[0] == "q" else "[B, S]")
-    return B, T, S, N, K
+    """``spec.check_arrays`` for the ring's rank-4 arrays without dense masks; returns (B, T, S, N, K)."""
+    sh = spec.check_arrays(query, key, value, bias, mask, query_seq_lengths=q_lengths,
+                           key_value_seq_lengths=kv_lengths, q_segment_ids=q_segment_ids,
+                           kv_segment_ids=kv_segment_ids, any_batch=False, dense_masks=NO_DENSE_MASKS)
+    return sh.B, sh.T, sh.S, sh.N, sh.K
 
 
 # ----------------------------------------------------------------------------------------
@@ -673,15 +635,7 @@ def _tile_sizes(block_sizes, Tl: int, Sl: int) -> tuple[int, int]:
     """(bq, bk) dividing the local lengths: the given ones, or the largest up to 'chunked''s defaults."""
     if block_sizes is None:
         return _divisor_at_most(Tl, 256), _divisor_at_most(Sl, DEFAULT_BLOCK_KV)
-    ok = isinstance(block_sizes, (tuple, list)) and len(block_sizes) == 2 and all(
-        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_sizes
-    )
-    if not ok or Tl % block_sizes[0] or Sl % block_sizes[1]:
-        raise ValueError(
-            f"block_sizes: expected (block_q, block_kv) of positive ints dividing the local query and "
-            f"key lengths ({Tl}, {Sl}), got {block_sizes!r}"
-        )
-    return tuple(block_sizes)
+    return spec.check_block_sizes(block_sizes, divide=(Tl, Sl), what="local query and key lengths")
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Shape glossary: B batch, T query length, S key length, N query heads, K key/value heads,
 H head dim, Hv value head dim, P devices on the sequence axis.
 
-Strategies: ``'ring'`` (``jattn.ring``: key/value blocks travel around the devices, any
-number of heads, windows shorten the ring) or ``'ulysses'`` (``jattn.ulysses``: all-to-all
+Strategies: ``'ring'`` (``jattn.parallel.ring``: key/value blocks travel around the devices, any
+number of heads, windows shorten the ring) or ``'ulysses'`` (``jattn.parallel.ulysses``: all-to-all
 from sequence to heads, the single-device kernel, all-to-all back; needs the heads to split
 over P). ``'auto'`` picks per call; ``explain_sequence_parallel`` says which and why:
 
@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from typing import NamedTuple
 
-from jattn.core import _checks
+from jattn.core import _checks, spec
 from jattn.parallel.ring import LAYOUTS, _check_divisible, _hops, check_arrays, ring_attention
 from jattn.parallel.ulysses import kv_replication, ulysses_attention
 
@@ -101,8 +101,8 @@ def _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis,
     _divides("query", "a batch size", B, n_batch, batch_axis)
     _divides("query", "a number of heads", N, n_head, head_axis)
     _divides("key", "a number of heads", K, n_head, head_axis)
-    window = kwargs.get("local_window_size")
-    window = None if window is None else _checks.window("local_window_size", window)
+    _, _, window = spec.options(query.shape[-1], kwargs.get("scale"), kwargs.get("logits_soft_cap"),
+                                kwargs.get("local_window_size"), None)
 
     # Per-device forward+backward bytes: local batch, heads and lengths.
     Bl, Nl, Kl, Tl, Sl = B // n_batch, N // n_head, K // n_head, T // P_seq, S // P_seq
@@ -189,8 +189,8 @@ def sequence_parallel_attention(
     ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Hv]`` are GLOBAL arrays,
     sharded or not; T and S must be divisible by P (by 2P for ``layout='zigzag'``). Rows are
     stored in ``layout``: for ``'zigzag'`` (causal load balance) the caller has permuted them
-    with ``jattn.ring.to_layout`` and passes positions ``jattn.ring.layout_positions`` to RoPE;
-    see ``jattn.ring``. Optionally shard the batch over ``batch_axis`` and the heads (N and K)
+    with ``jattn.parallel.ring.to_layout`` and passes positions ``jattn.parallel.ring.layout_positions`` to RoPE;
+    see ``jattn.parallel.ring``. Optionally shard the batch over ``batch_axis`` and the heads (N and K)
     over ``head_axis``. ``strategy`` is ``'ring'`` (default), ``'ulysses'`` (the heads per
     device must be divisible by P) or ``'auto'`` (see the module docstring and
     ``explain_sequence_parallel``). ``kwargs``: ``is_causal``, ``scale``, ``logits_soft_cap``,
@@ -214,9 +214,9 @@ def sequence_parallel_attention(
         "q_segment_ids": (q_segment_ids, P(batch_axis, axis_name)),  # [B, T]
         "kv_segment_ids": (kv_segment_ids, P(batch_axis, axis_name)),  # [B, S]
     }
-    for name, (x, spec) in per_example.items():
+    for name, (x, placement) in per_example.items():
         if x is not None:
-            arrays[name], specs[name] = x, spec
+            arrays[name], specs[name] = x, placement
     for name in ("scale", "logits_soft_cap"):  # static options: a jnp scalar becomes a float
         if kwargs.get(name) is not None:
             kwargs[name] = _checks.concrete_number(name, kwargs[name])

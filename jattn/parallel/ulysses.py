@@ -19,7 +19,7 @@ that keep every query head on the device of its kv head; K divisible by P sends 
 Layouts: rows arrive in the ring's layout (``'contiguous'`` or ``'zigzag'``); after the
 all-to-all each device holds the whole sequence in that layout and puts it back into
 original order (a local gather) before attention, so causal masks, windows and lengths
-mean original positions exactly as in ``jattn.ring``.
+mean original positions exactly as in ``jattn.parallel.ring``.
 """
 
 from __future__ import annotations

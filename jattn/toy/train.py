@@ -11,7 +11,7 @@ state) is an explicit pytree, donated to ``train_step``.
 Sequence parallelism (``config.mesh.sequence = Q > 1``) changes the training step only.
 Each training batch is padded at the end to Tq positions (PAD tokens with zero loss weight:
 under the causal mask no real position sees them) and permuted into ring attention's
-zig-zag layout (``jattn.ring.to_layout``), then split ``[B, Tq]`` over ('data', 'sequence').
+zig-zag layout (``jattn.parallel.ring.to_layout``), then split ``[B, Tq]`` over ('data', 'sequence').
 The model keeps that order; its sinusoidal positions are ``layout_positions`` (the original
 index of each row) and its attention is ``jattn.sequence_parallel_attention_fn``. The loss
 is a weighted sum over positions, so the order does not change it. Evaluation, greedy
