@@ -190,8 +190,19 @@ _ARRAY_KWARGS = ("query_seq_lengths", "key_value_seq_lengths", "q_segment_ids", 
 def explain_implementation(query, key, value, bias=None, mask=None, **kwargs) -> Choice:
     """Which implementation ``jattn.dot_product_attention`` would run for these arguments, and why.
 
-    Takes exactly the arguments of ``dot_product_attention`` (arrays or ``jax.ShapeDtypeStruct``)
-    and validates them the same way (``jattn.core.spec.attention_spec``); nothing is computed or compiled.
+    Validates the arguments the same way (``jattn.core.spec.attention_spec``); nothing is
+    computed or compiled.
+
+    Args:
+      query: ``[*B, T, N, H]``, an array or a ``jax.ShapeDtypeStruct`` (shapes are enough).
+      key: ``[*B, S, K, H]``, likewise.
+      value: ``[*B, S, K, Hv]``, likewise.
+      bias: as in ``dot_product_attention``.
+      mask: as in ``dot_product_attention``.
+      **kwargs: the keyword arguments of ``dot_product_attention``.
+
+    Returns:
+      ``Choice(implementation, reason)``: the name that would run and why.
     """
     arrays = {name: kwargs.pop(name) for name in _ARRAY_KWARGS if name in kwargs}
     seen: list[Choice] = []

@@ -62,21 +62,32 @@ def flax_attention_fn(
 ):
     """Flax's ``dot_product_attention`` signature on top of ``jattn.dot_product_attention``.
 
-    ``query [*B, T, N, H]``, ``key [*B, S, K, H]``, ``value [*B, S, K, Hv]`` (K divides N);
-    ``mask`` (bool, or Flax's float 0/1 masks) and ``bias`` broadcast to ``[*B, N, T, S]``.
-    Dropout runs when ``dropout_rate > 0``, ``deterministic`` is False and ``dropout_rng`` is
-    given. With ``module`` set, the (pre-dropout) weights ``[*B, N, T, S]`` in the computation
-    dtype are sown as ``attention_weights``. ``implementation`` and ``logits_soft_cap`` are
-    passed to the core.
+    Args:
+      query: ``[*B, T, N, H]``.
+      key: ``[*B, S, K, H]`` (K divides N).
+      value: ``[*B, S, K, Hv]``.
+      bias: additive, broadcastable to ``[*B, N, T, S]``.
+      mask: bool or Flax's float 0/1 mask, broadcastable to ``[*B, N, T, S]``.
+      broadcast_dropout: one ``[T, S]`` keep-mask for every batch row and head.
+      dropout_rng: PRNG key; needed when dropout runs.
+      dropout_rate: dropout on the weights; runs when > 0 and ``deterministic`` is False.
+      deterministic: no dropout.
+      dtype: the computation dtype; default the inputs' result type.
+      precision: accepted for Flax's signature and not needed (softmax is always fp32).
+      module: a Flax module; when set, the (pre-dropout) weights ``[*B, N, T, S]`` in the
+        computation dtype are sown as ``attention_weights``.
+      is_causal: causal masking (top-left), as in ``dot_product_attention``.
+      implementation: passed to the core.
+      logits_soft_cap: passed to the core.
+      attention: the function that computes attention, called as ``attention(query, key,
+        value, bias, mask, is_causal=, implementation=, logits_soft_cap=, dropout_rate=,
+        dropout_rng=, broadcast_dropout=, return_weights=)`` with
+        ``jattn.dot_product_attention``'s meaning; bind another one with
+        ``functools.partial`` to reuse this adapter (dtype casts, Flax's float masks, dropout
+        resolution, sow) for another core, e.g. a sequence-parallel one.
 
-    ``attention`` is the function that computes attention, called as
-    ``attention(query, key, value, bias, mask, is_causal=, implementation=, logits_soft_cap=,
-    dropout_rate=, dropout_rng=, broadcast_dropout=, return_weights=)`` with
-    ``jattn.dot_product_attention``'s meaning; bind another one with ``functools.partial`` to
-    reuse this adapter (dtype casts, Flax's float masks, dropout resolution, sow) for another
-    core, e.g. a sequence-parallel one.
-
-    Returns ``[*B, T, N, Hv]``.
+    Returns:
+      ``[*B, T, N, Hv]`` in the computation dtype.
     """
     del precision  # see the module docstring
     dtype = dtype or jnp.result_type(query, key, value)

@@ -46,32 +46,44 @@ def dot_product_attention(
     out[b, t, n] = softmax(soft_cap(q·kᵀ·scale) + bias, masked) v, per head n, with the kv head
     n // (N/K) for grouped queries.
 
-    Shapes: ``query [*B, T, N, H]`` (``[T, N, H]`` unbatched), ``key [*B, S, K, H]``,
-    ``value [*B, S, K, Hv]``; N must be a multiple of K (GQA/MQA). ``mask`` (bool, True =
-    attend) and ``bias`` (additive) broadcast to ``[*B, N, T, S]``. Returns ``[*B, T, N, Hv]``.
-
-    Args beyond jax.nn:
+    Args:
+      query: ``[*B, T, N, H]`` (``[T, N, H]`` unbatched), floating.
+      key: ``[*B, S, K, H]``, the dtype of ``query``; N must be a multiple of K (GQA/MQA).
+      value: ``[*B, S, K, Hv]``, the dtype of ``query``.
+      bias: additive, broadcastable to ``[*B, N, T, S]``, added after the soft cap.
+      mask: bool (True = attend), broadcastable to ``[*B, N, T, S]``.
+      scale: multiplies ``q·kᵀ``; default ``1/sqrt(H)``.
+      is_causal: query i sees keys ``<= i`` (aligned by ``causal_alignment``).
+      query_seq_lengths: ``[*B]`` integers; query rows at or past the length return 0.
+      key_value_seq_lengths: ``[*B]`` integers; keys at or past the length are hidden.
+      local_window_size: ``w`` or ``(left, right)``: query i sees keys in ``[i - left, i + right]``
+        around the same diagonal as ``is_causal``.
+      implementation: None (the automatic choice, see ``explain_implementation``), ``'xla'``,
+        ``'chunked'`` (memory-linear) or ``'cudnn'``.
+      return_residual: also return the fp32 logsumexp ``[*B, T, N]`` (stop-gradient, as in jax.nn).
       causal_alignment: ``'top_left'`` (jax.nn's default: query i sees keys ``<= i``) or
         ``'bottom_right'`` (query i sees keys ``<= i + S - T``: the last query sees every key,
-        as in KV-cache decoding). ``local_window_size`` is centred on the same diagonal.
-      q_segment_ids, kv_segment_ids: ``[*B, T]`` / ``[*B, S]`` integers; a query attends only
-        to keys of its own segment (packed sequences). Give both or neither.
+        as in KV-cache decoding).
+      q_segment_ids: ``[*B, T]`` integers; a query attends only to keys of its own segment
+        (packed sequences). Give both segment ids or neither.
+      kv_segment_ids: ``[*B, S]`` integers.
       logits_soft_cap: ``c`` replaces the scaled scores by ``c·tanh(scores/c)`` (before bias).
-      dropout_rate, dropout_rng: dropout on the attention weights; active only if both given.
+      dropout_rate: dropout on the attention weights; active only with ``dropout_rng``.
+      dropout_rng: a PRNG key.
       broadcast_dropout: one keep-mask ``[T, S]`` shared by all batch rows and heads (Flax's
         ``broadcast_dropout=True``); by default every (batch, head) draws its own.
       return_weights: also return the (pre-dropout) weights ``[*B, N, T, S]``, in fp32.
-      block_sizes: ``(block_q, block_kv)`` for ``implementation='chunked'``.
+      block_sizes: ``(block_q, block_kv)`` tiles for ``implementation='chunked'``.
 
-    Returns ``out``, or a tuple ``(out, residual?, weights?)`` with the fp32 logsumexp residual
-    ``[*B, T, N]`` (stop-gradient, as in jax.nn) when ``return_residual`` and the weights when
-    ``return_weights``.
+    Returns:
+      ``out [*B, T, N, Hv]`` in the dtype of ``query``, or a tuple ``(out, residual?, weights?)``
+      with the residual ``[*B, T, N]`` when ``return_residual`` and the weights
+      ``[*B, N, T, S]`` when ``return_weights``.
 
     Semantics where jattn differs from jax.nn on purpose: a query row that can see no key
     (mask, ``-inf`` bias, lengths, window, segments) returns exactly 0 with zero gradients
     and residual ``-inf`` (jax.nn returns the mean of ``value``, or NaN for a ``-inf``
-    bias). Logits, softmax and accumulation are fp32 (float64 for float64 inputs); the output has
-    the dtype of ``query``.
+    bias). Logits, softmax and accumulation are fp32 (float64 for float64 inputs).
     """
     spec = attention_spec(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,

@@ -51,9 +51,13 @@ class MultiHeadAttention(nn.Module):
     ``jattn.flax_attention_fn`` and is called as Flax calls it, plus ``implementation=`` and
     ``logits_soft_cap=``.
 
-    Extras: ``num_kv_heads`` (GQA/MQA), ``implementation`` and ``logits_soft_cap`` (passed to
-    ``jattn.dot_product_attention``), ``rope_base`` (rotary embedding of the projected queries
-    and keys, after ``normalize_qk``, before caching).
+    Attributes:
+      num_heads: N, as in Flax (and every other Flax attribute above).
+      num_kv_heads: K kv heads (GQA/MQA), a divisor of N; default N.
+      implementation: passed to ``jattn.dot_product_attention`` (None = automatic).
+      logits_soft_cap: ``c·tanh(scores/c)`` on the attention scores.
+      rope_base: if set, rotary embedding of the projected queries and keys with this base
+        (after ``normalize_qk``, before caching).
     """
 
     num_heads: int
@@ -121,14 +125,24 @@ class MultiHeadAttention(nn.Module):
         positions=None,
         kv_positions=None,
     ):
-        """Attention of ``inputs_q [*B, T, F]`` over ``inputs_k/inputs_v [*B, S, F_kv]``.
+        """Attention of ``inputs_q`` over ``inputs_k``/``inputs_v``, as in Flax.
 
-        As in Flax: ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``;
-        ``mask [*B, N|1, T, S]``; ``dropout_rng`` defaults to ``make_rng('dropout')``;
-        ``sow_weights`` sows ``attention_weights [*B, N, T, S]`` into ``'intermediates'``.
-        Extras: ``decode`` overrides the attribute; ``is_causal``; and in decode mode
-        ``lengths [*B]`` (valid new tokens per row, right padding), as in
-        ``jattn.nnx.MultiHeadAttention``. ``positions``/``kv_positions``: RoPE positions.
+        Args:
+          inputs_q: ``[*B, T, F]``.
+          inputs_k: ``[*B, S, F_kv]``; default ``inputs_q``.
+          inputs_v: ``[*B, S, F_kv]``; default ``inputs_k``.
+          mask: bool (True = attend), broadcastable to ``[*B, N, T, S]``.
+          deterministic: overrides the attribute (no dropout when True).
+          dropout_rng: PRNG key for dropout; default ``make_rng('dropout')``.
+          sow_weights: sow ``attention_weights [*B, N, T, S]`` into ``'intermediates'``.
+          decode: overrides the attribute.
+          is_causal: causal masking (in decode mode as in ``jattn.nnx.MultiHeadAttention``).
+          lengths: decode mode only: ``[*B]`` valid new tokens per row (right padding).
+          positions: ``[*B, T]`` RoPE positions of the queries (with ``rope_base``).
+          kv_positions: ``[*B, S]`` RoPE positions of the keys.
+
+        Returns:
+          ``[*B, T, F_out]``.
         """
         inputs_q, inputs_k, inputs_v = _module_core.module_inputs(inputs_q, inputs_k, inputs_v)
         N, K, H = self._heads(inputs_q.shape[-1])

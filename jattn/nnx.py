@@ -59,12 +59,15 @@ class MultiHeadAttention(nnx.Module):
     ``implementation=`` and ``logits_soft_cap=`` below; e.g.
     ``jattn.sequence_parallel_attention_fn(...)`` runs ring attention over a mesh axis.
 
-    Extras:
+    Args:
+      num_heads: N, as in Flax (and every other Flax argument above).
+      num_kv_heads: K kv heads (GQA/MQA), a divisor of N; default N.
       implementation: passed to ``jattn.dot_product_attention`` (None = automatic).
       logits_soft_cap: ``c·tanh(scores/c)`` on the attention scores.
       rope_base: if set, rotary position embedding with this base is applied to the projected
         queries and keys (after ``normalize_qk``, before caching). Positions default to
         ``0..T-1`` / ``0..S-1``, and to each row's cache position in decode mode.
+      attention_fn: see above.
     """
 
     def __init__(
@@ -218,20 +221,31 @@ class MultiHeadAttention(nnx.Module):
         positions=None,
         kv_positions=None,
     ):
-        """Attention of ``inputs_q [*B, T, F]`` over ``inputs_k/inputs_v [*B, S, F_kv]``.
-
-        As in Flax: ``inputs_k`` defaults to ``inputs_q`` and ``inputs_v`` to ``inputs_k``;
-        ``mask [*B, N|1, T, S]`` (True = attend); the call's ``deterministic``, ``rngs`` and
-        ``decode`` override the constructor's; ``sow_weights`` stores the weights
-        ``[*B, N, T, S]`` as ``nnx.Intermediate`` ``attention_weights``.
+        """Attention of ``inputs_q`` over ``inputs_k``/``inputs_v``, as in Flax.
 
         Decode mode (``S = L`` is the cache): the T new tokens are appended at each row's
-        ``cache_index``; ``mask`` then broadcasts to ``[*B, N, T, L]``. ``lengths [*B]``:
-        valid new tokens per row (right padding; default T). ``is_causal=True`` lets new token
-        t of row b see cache slots ``<= cache_index[b] + t``; ``False`` lets it see every
-        valid slot. Returns ``[*B, T, F_out]`` (padded tokens' outputs are meaningless).
+        ``cache_index``.
 
-        ``positions [*B, T]`` / ``kv_positions [*B, S]``: RoPE positions (with ``rope_base``).
+        Args:
+          inputs_q: ``[*B, T, F]``.
+          inputs_k: ``[*B, S, F_kv]``; default ``inputs_q``.
+          inputs_v: ``[*B, S, F_kv]``; default ``inputs_k``.
+          mask: bool (True = attend), broadcastable to ``[*B, N, T, S]`` (``[*B, N, T, L]`` in
+            decode mode).
+          deterministic: overrides the constructor's (no dropout when True).
+          rngs: ``nnx.Rngs`` for dropout; overrides the constructor's.
+          sow_weights: store the weights ``[*B, N, T, S]`` as ``nnx.Intermediate``
+            ``attention_weights``.
+          decode: overrides the constructor's.
+          is_causal: causal masking; in decode mode new token t of row b sees cache slots
+            ``<= cache_index[b] + t`` (``False``: every valid slot).
+          lengths: decode mode only: ``[*B]`` valid new tokens per row (right padding;
+            default T).
+          positions: ``[*B, T]`` RoPE positions of the queries (with ``rope_base``).
+          kv_positions: ``[*B, S]`` RoPE positions of the keys.
+
+        Returns:
+          ``[*B, T, F_out]`` (padded tokens' outputs are meaningless).
         """
         inputs_q, inputs_k, inputs_v = _module_core.module_inputs(
             inputs_q, inputs_k, inputs_v, (self.in_features, self.in_kv_features)

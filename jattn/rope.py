@@ -20,10 +20,16 @@ from jattn.core import _checks
 
 
 def apply_rope(x, positions, base: float = 10000.0) -> jax.Array:
-    """Rotate ``x [..., T, N, H]`` by ``positions [..., T]`` (integer or float), in fp32.
+    """Rotate each head of ``x`` by the angles of its positions (RoPE), in fp32.
 
-    ``positions`` broadcasts against the batch dims of ``x`` (``[T]`` is shared by every row).
-    Returns an array of the shape and dtype of ``x``.
+    Args:
+      x: ``[..., T, N, H]`` queries or keys, floating, H even.
+      positions: ``[..., T]`` integer or float positions, broadcasting against the batch dims
+        of ``x`` (``[T]`` is shared by every row).
+      base: the frequency base, > 1.
+
+    Returns:
+      ``[..., T, N, H]``: ``x`` rotated, in the dtype of ``x``.
     """
     shape = _checks.rank("x", x, tuple(range(3, 64)), "[..., T, N, H]")
     _checks.floating("x", x)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn.core import _checks, _finite
+from jattn.core import _checks, _finite, spec
 from jattn.core.masks import StructuredMask, combine_masks
 
 
@@ -93,6 +93,10 @@ def attention_head(
     return HeadOutput(out.astype(q.dtype), weights, lse)
 
 
+# One compiled program per shape for eager calls (op by op, a call would compile ~50 primitives).
+_attention_head = jax.jit(attention_head, static_argnums=(6, 7, 8))
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -104,15 +108,24 @@ def attention(
     logits_soft_cap: float | None = None,
     return_weights: bool = False,
 ):
-    """Single-head attention ``q: [T, d_k], k: [S, d_k], v: [S, d_v] -> [T, d_v]``.
+    """Single-head attention: out = softmax(soft_cap(q kᵀ · scale) + bias, where mask) v.
 
-    out = softmax(q kᵀ · scale + bias, where mask) v, with ``scale = 1/sqrt(d_k)`` by default.
+    The seed formula for one head; for many heads and batches use
+    ``jattn.dot_product_attention``. Logits, softmax and accumulation run in fp32.
 
-    ``mask`` is boolean (True = attend) and ``bias`` additive; both broadcast to [T, S].
-    ``logits_soft_cap=c`` replaces the scaled scores by ``c·tanh(scores/c)`` before the bias.
-    Logits, softmax and accumulation run in fp32; the output has the dtype of ``q``.
-    A query row that sees no key returns 0. With ``return_weights=True`` the result is
-    ``(out, weights [T, S])``. For many heads and batches use ``jattn.dot_product_attention``.
+    Args:
+      q: ``[T, d_k]`` queries, floating.
+      k: ``[S, d_k]`` keys.
+      v: ``[S, d_v]`` values.
+      mask: bool (True = attend), broadcastable to ``[T, S]``.
+      bias: additive, broadcastable to ``[T, S]``, added after the soft cap.
+      scale: multiplies ``q kᵀ``; default ``1/sqrt(d_k)``.
+      logits_soft_cap: ``c`` replaces the scaled scores by ``c·tanh(scores/c)``.
+      return_weights: also return the attention weights.
+
+    Returns:
+      ``out [T, d_v]`` in the dtype of ``q`` (a query row that sees no key is 0), or
+      ``(out, weights [T, S])`` with ``return_weights=True``.
     """
     T, d_k = _checks.rank("q", q, 2, "[T, d_k]")
     S, d_k2 = _checks.rank("k", k, 2, "[S, d_k]")
@@ -131,8 +144,6 @@ def attention(
         _checks.floating("bias", bias)
         _checks.broadcastable("bias", bias, (T, S), "[T, S]")
         bias = jnp.broadcast_to(bias, (T, S))
-    scale = _checks.default_scale(d_k) if scale is None else _checks.concrete_number("scale", scale)
-    if logits_soft_cap is not None:
-        logits_soft_cap = _checks.concrete_number("logits_soft_cap", logits_soft_cap, low=0, low_open=True)
-    res = attention_head(q, k, v, mask, bias, None, StructuredMask(), scale, logits_soft_cap)
+    scale, logits_soft_cap, _ = spec.options(d_k, scale, logits_soft_cap, None, None)
+    res = _attention_head(q, k, v, mask, bias, None, StructuredMask(), scale, logits_soft_cap)
     return (res.out, res.weights) if return_weights else res.out

@@ -25,18 +25,45 @@ import jax.numpy as jnp
 
 
 def causal(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """Key at ``k_pos`` is visible from query at ``q_pos`` iff ``k_pos <= q_pos``."""
+    """Key at ``k_pos`` is visible from query at ``q_pos`` iff ``k_pos <= q_pos``.
+
+    Args:
+      q_pos: query positions on the key axis, e.g. ``[T, 1]``.
+      k_pos: key positions, broadcasting against ``q_pos``, e.g. ``[1, S]``.
+
+    Returns:
+      bool, the broadcast shape (``[T, S]``).
+    """
     return k_pos <= q_pos
 
 
 def local_window(q_pos: jax.Array, k_pos: jax.Array, window: tuple[int, int]) -> jax.Array:
-    """Visible iff ``q_pos - left <= k_pos <= q_pos + right`` with ``window = (left, right)``."""
+    """Visible iff ``q_pos - left <= k_pos <= q_pos + right``.
+
+    Args:
+      q_pos: query positions on the key axis, e.g. ``[T, 1]``.
+      k_pos: key positions, broadcasting against ``q_pos``, e.g. ``[1, S]``.
+      window: ``(left, right)`` non-negative ints.
+
+    Returns:
+      bool, the broadcast shape (``[T, S]``).
+    """
     left, right = window
     return (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
 
 
 def padding(q_idx: jax.Array, k_idx: jax.Array, q_length=None, kv_length=None) -> jax.Array:
-    """Visible iff the query row is below ``q_length`` and the key below ``kv_length``."""
+    """Visible iff the query row is below ``q_length`` and the key below ``kv_length``.
+
+    Args:
+      q_idx: query row indices, e.g. ``[T, 1]``.
+      k_idx: key indices, broadcasting against ``q_idx``, e.g. ``[1, S]``.
+      q_length: valid query rows (broadcasting), or None for all.
+      kv_length: valid keys (broadcasting), or None for all.
+
+    Returns:
+      bool, the broadcast shape (``[T, S]``).
+    """
     ok = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(k_idx)), dtype=bool)
     if q_length is not None:
         ok = ok & (q_idx < q_length)
@@ -46,7 +73,15 @@ def padding(q_idx: jax.Array, k_idx: jax.Array, q_length=None, kv_length=None) -
 
 
 def same_segment(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
-    """[T], [S] -> [T, S]: visible iff query and key carry the same segment id."""
+    """Visible iff query and key carry the same segment id.
+
+    Args:
+      q_segment_ids: ``[T]`` integers.
+      kv_segment_ids: ``[S]`` integers.
+
+    Returns:
+      bool ``[T, S]``.
+    """
     return q_segment_ids[:, None] == kv_segment_ids[None, :]  # [T, S]
 
 
@@ -56,20 +91,50 @@ def same_segment(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Arr
 
 
 def causal_mask(T: int, S: int, *, offset: int = 0) -> jax.Array:
-    """[T, S] causal mask; ``offset=S-T`` aligns it to the bottom-right corner."""
+    """The dense causal mask.
+
+    Args:
+      T: query length.
+      S: key length.
+      offset: query row i sits at key position ``i + offset``; ``S - T`` aligns the diagonal
+        to the bottom-right corner.
+
+    Returns:
+      bool ``[T, S]``, True = attend.
+    """
     q_pos = jnp.arange(T)[:, None] + offset  # [T, 1]
     return causal(q_pos, jnp.arange(S)[None, :])  # [T, S]
 
 
 def local_window_mask(T: int, S: int, window: int | tuple[int, int], *, offset: int = 0) -> jax.Array:
-    """[T, S] sliding-window mask; an int ``w`` means ``(w, w)``."""
+    """The dense sliding-window mask.
+
+    Args:
+      T: query length.
+      S: key length.
+      window: ``w`` (meaning ``(w, w)``) or ``(left, right)``.
+      offset: as in ``causal_mask``.
+
+    Returns:
+      bool ``[T, S]``, True = attend.
+    """
     window = (window, window) if isinstance(window, int) else tuple(window)
     q_pos = jnp.arange(T)[:, None] + offset  # [T, 1]
     return local_window(q_pos, jnp.arange(S)[None, :], window)  # [T, S]
 
 
 def padding_mask(T: int, S: int, q_lengths=None, kv_lengths=None) -> jax.Array:
-    """[B, T, S] mask from per-example lengths ``q_lengths [B]`` and/or ``kv_lengths [B]``."""
+    """The dense padding mask from per-example lengths.
+
+    Args:
+      T: query length.
+      S: key length.
+      q_lengths: ``[B]`` valid query rows, or None.
+      kv_lengths: ``[B]`` valid keys, or None (at least one of the two is given).
+
+    Returns:
+      bool ``[B, T, S]``, True = attend.
+    """
     lengths = q_lengths if q_lengths is not None else kv_lengths
     B = jnp.shape(lengths)[0]
     q_len = None if q_lengths is None else jnp.asarray(q_lengths)[:, None, None]  # [B, 1, 1]
@@ -79,12 +144,27 @@ def padding_mask(T: int, S: int, q_lengths=None, kv_lengths=None) -> jax.Array:
 
 
 def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
-    """[B, T] and [B, S] segment ids -> [B, T, S]."""
+    """The dense mask of packed sequences: a query sees the keys of its own segment.
+
+    Args:
+      q_segment_ids: ``[B, T]`` integers.
+      kv_segment_ids: ``[B, S]`` integers.
+
+    Returns:
+      bool ``[B, T, S]``, True = attend.
+    """
     return jax.vmap(same_segment)(jnp.asarray(q_segment_ids), jnp.asarray(kv_segment_ids))
 
 
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
-    """Logical AND of the masks that are not None (they must broadcast); None if all are."""
+    """Logical AND of the masks that are not None.
+
+    Args:
+      *masks: bool arrays that broadcast against each other, or None.
+
+    Returns:
+      bool of the broadcast shape, or None if every mask is None.
+    """
     present = [m for m in masks if m is not None]
     if not present:
         return None
@@ -102,9 +182,16 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
 class StructuredMask(NamedTuple):
     """Masks of one (batch, head) pair that are cheap to evaluate on any tile.
 
-    ``is_causal``, ``offset`` and ``window`` are static Python values; the lengths are scalars
-    and the segment ids are [T] / [S] arrays (or None). ``tile`` evaluates the mask on query
-    rows ``q_idx`` and key columns ``k_idx`` (1-D index arrays).
+    ``tile`` evaluates the mask on query rows ``q_idx`` and key columns ``k_idx``.
+
+    Attributes:
+      is_causal: static; causal from ``offset``.
+      offset: static; query row i sits at key position ``i + offset``.
+      window: static ``(left, right)``, or None.
+      q_length: scalar valid query rows, or None.
+      kv_length: scalar valid keys, or None.
+      q_segment_ids: ``[T]`` integers, or None.
+      kv_segment_ids: ``[S]`` integers, or None.
     """
 
     is_causal: bool = False
@@ -116,7 +203,15 @@ class StructuredMask(NamedTuple):
     kv_segment_ids: jax.Array | None = None
 
     def tile(self, q_idx: jax.Array, k_idx: jax.Array) -> jax.Array | None:
-        """[tq], [tk] -> bool [tq, tk], or None when nothing is masked."""
+        """The mask on one tile.
+
+        Args:
+          q_idx: ``[tq]`` query row indices.
+          k_idx: ``[tk]`` key indices.
+
+        Returns:
+          bool ``[tq, tk]``, or None when nothing is masked.
+        """
         q_pos = q_idx[:, None] + self.offset  # [tq, 1]
         k_pos = k_idx[None, :]  # [1, tk]
         parts = []

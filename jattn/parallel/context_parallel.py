@@ -50,13 +50,24 @@ def context_parallel_decode(
     scale: float | None = None,
     logits_soft_cap: float | None = None,
 ):
-    """Attention of ``query [B, Tq, N, H]`` over ``key_cache [B, S, K, H]`` / ``value_cache
-    [B, S, K, Hv]`` with the cache sharded along S over mesh axis ``axis_name``.
+    """Attention of a few new tokens over a KV cache sharded along its length S over ``axis_name``.
 
-    Every query row sees every cache row below ``key_value_seq_lengths [B]`` (all S when None):
-    the new tokens' own keys are expected to be in the cache already. Returns ``[B, Tq, N, Hv]``
-    (replicated over ``axis_name``), equal to ``jattn.dot_product_attention(query, key_cache,
-    value_cache, key_value_seq_lengths=...)``. S must be divisible by the axis size.
+    Every query row sees every cache row below ``key_value_seq_lengths`` (the new tokens' own
+    keys are expected to be in the cache already); equal to ``jattn.dot_product_attention(query,
+    key_cache, value_cache, key_value_seq_lengths=...)``.
+
+    Args:
+      query: ``[B, Tq, N, H]``.
+      key_cache: ``[B, S, K, H]``, N a multiple of K; S divisible by the size of ``axis_name``.
+      value_cache: ``[B, S, K, Hv]``.
+      mesh: the ``jax.sharding.Mesh``.
+      axis_name: the mesh axis the cache is sharded over.
+      key_value_seq_lengths: ``[B]`` integers; all S when None.
+      scale: multiplies ``q·kᵀ``; default ``1/sqrt(H)``.
+      logits_soft_cap: ``c`` replaces the scaled scores by ``c·tanh(scores/c)``.
+
+    Returns:
+      ``[B, Tq, N, Hv]``, replicated over ``axis_name``.
     """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh (e.g. from jax.make_mesh), got {type(mesh).__name__}")

@@ -78,9 +78,18 @@ def _local_positions(layout: str, device, local_len: int, num_devices: int) -> j
 
 
 def layout_positions(length: int, num_devices: int, layout: str) -> jax.Array:
-    """[length] original position of each row of a sequence stored in ``layout``.
+    """The original position of each row of a sequence stored in ``layout``.
 
     Use it as the position ids (RoPE, position embeddings) of permuted inputs.
+
+    Args:
+      length: the global sequence length, divisible by ``num_devices`` (by ``2·num_devices``
+        for ``'zigzag'``).
+      num_devices: P, the devices of the sequence axis.
+      layout: ``'contiguous'`` or ``'zigzag'``.
+
+    Returns:
+      ``[length]`` int positions.
     """
     _checks.choice("layout", layout, LAYOUTS)
     _check_divisible("length", length, num_devices, layout)
@@ -97,13 +106,33 @@ def _take_rows(x, rows, axis: int) -> jax.Array:
 
 
 def to_layout(x, num_devices: int, layout: str, *, axis: int = 1) -> jax.Array:
-    """Reorder ``x`` along ``axis`` (the sequence) from original order into ``layout``."""
+    """Reorder ``x`` along its sequence axis from original order into ``layout``.
+
+    Args:
+      x: an array whose ``axis`` is the sequence, e.g. ``[B, T, N, H]`` or ``[B, T]``.
+      num_devices: P, the devices of the sequence axis.
+      layout: ``'contiguous'`` (nothing moves) or ``'zigzag'``.
+      axis: the sequence axis.
+
+    Returns:
+      ``x`` with its rows permuted (same shape and sharding).
+    """
     x = jnp.asarray(x)
     return _take_rows(x, layout_positions(x.shape[axis], num_devices, layout), axis)
 
 
 def from_layout(x, num_devices: int, layout: str, *, axis: int = 1) -> jax.Array:
-    """Inverse of ``to_layout``: rows stored in ``layout`` back to original order."""
+    """Inverse of ``to_layout``: rows stored in ``layout`` back to original order.
+
+    Args:
+      x: an array whose ``axis`` is the sequence, stored in ``layout``.
+      num_devices: P, the devices of the sequence axis.
+      layout: ``'contiguous'`` or ``'zigzag'``.
+      axis: the sequence axis.
+
+    Returns:
+      ``x`` with its rows in original order (same shape and sharding).
+    """
     x = jnp.asarray(x)
     order = layout_positions(x.shape[axis], num_devices, layout)  # [L]
     return _take_rows(x, jnp.argsort(order), axis)
@@ -669,32 +698,43 @@ def ring_attention(
     """Exact multi-head attention over a sequence sharded along ``axis_name``; call inside
     ``jax.shard_map``.
 
-    Arguments are the LOCAL shards: ``query [B, Tl, N, H]``, ``key [B, Sl, K, H]``, ``value
-    [B, Sl, K, Hv]`` with N a multiple of K (grouped queries: the K kv heads travel, never N),
-    ``q_segment_ids [B, Tl]``, ``kv_segment_ids [B, Sl]`` (in the same layout as the rows).
-    ``query_seq_lengths`` / ``key_value_seq_lengths`` ``[B]`` are GLOBAL lengths in original
-    positions (replicated over the ring). Rows are stored in ``layout`` (``'contiguous'`` or
-    ``'zigzag'``, see the module docstring for what the caller must permute). The result
-    equals ``jattn.dot_product_attention`` on the unsharded (original-order) arrays with the
-    same arguments, returned as the local ``[B, Tl, N, Hv]`` shard in the same layout.
+    The result equals ``jattn.dot_product_attention`` on the unsharded (original-order)
+    arrays with the same arguments, returned as the local shard in the same layout. Key/value
+    blocks (the K kv heads only, never N) travel around the ring; a window shortens it
+    (blocks travel only as far as some query can see). Gradients flow to q, k, v and to the
+    floating arrays a ``score_mod`` closes over (summed over the devices).
 
-    Masks must be cheap per block: ``bias`` and a dense ``mask`` raise ValueError. ``is_causal``
-    needs equal query and key lengths (self-attention); causality and ``local_window_size``
-    (``w`` or ``(left, right)`` around the diagonal) are top-left, as in
-    ``dot_product_attention``. A window shortens the ring: blocks travel only as far as some
-    query can see. ``block_sizes = (bq, bk)`` are the tile sizes of each step (dividing the
-    local lengths); by default the largest divisors up to (256, 256).
+    Args:
+      query: the LOCAL ``[B, Tl, N, H]`` shard, rows in ``layout``.
+      key: the local ``[B, Sl, K, H]`` shard, N a multiple of K.
+      value: the local ``[B, Sl, K, Hv]`` shard.
+      bias: must be None: masks must be cheap per block (ValueError otherwise).
+      mask: must be None, likewise.
+      axis_name: the mesh axis of the enclosing shard_map the sequence is sharded over.
+      is_causal: top-left causal; needs Tl == Sl (self-attention).
+      scale: multiplies ``q·kᵀ``; default ``1/sqrt(H)``.
+      query_seq_lengths: ``[B]`` GLOBAL lengths in original positions (replicated).
+      key_value_seq_lengths: ``[B]`` GLOBAL lengths in original positions (replicated).
+      q_segment_ids: local ``[B, Tl]``, in ``layout``; both segment ids or neither.
+      kv_segment_ids: local ``[B, Sl]``, in ``layout``.
+      logits_soft_cap: ``c`` replaces the scaled scores by ``c·tanh(scores/c)``.
+      local_window_size: ``w`` or ``(left, right)`` around the (top-left) diagonal.
+      layout: ``'contiguous'`` or ``'zigzag'`` (see the module docstring for what the caller
+        permutes).
+      block_sizes: ``(bq, bk)`` tiles of each ring step, dividing the local lengths; by
+        default the largest divisors up to (256, 256).
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (``jattn.flex``'s convention, on
+        scalars), evaluated tile by tile on GLOBAL indices: original positions whatever the
+        layout, and the global batch row and query head when ``batch_axis`` / ``head_axis``
+        are named (otherwise ``b``/``h`` index the local shard). A tile (a whole ring step)
+        it hides entirely is skipped (steps are still communicated).
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` after ``scale`` and
+        ``logits_soft_cap``, on the same indices; a ``-inf`` score hides the entry.
+      batch_axis: the mesh axis the batch is also sharded over, if any.
+      head_axis: the mesh axis the heads are also sharded over, if any.
 
-    ``mask_mod(b, h, q_idx, kv_idx) -> bool`` and ``score_mod(score, b, h, q_idx, kv_idx) ->
-    score`` (``jattn.flex``'s conventions, written for scalars) are evaluated tile by tile on
-    GLOBAL indices: original positions whatever the layout, and the global batch row and
-    query head when the batch / heads are also sharded over the mesh axes ``batch_axis`` /
-    ``head_axis`` of the enclosing shard_map (name them; otherwise ``b``/``h`` index the local
-    shard). A mask_mod combines with the other masks, and a tile (a whole ring step) that it
-    hides entirely is skipped like one hidden by them (the mask_mod is evaluated on every
-    tile to find out; steps are still communicated). The score_mod sees the scores after
-    ``scale`` and ``logits_soft_cap``; a ``-inf`` score hides the entry. Gradients flow to q,
-    k, v and to the floating arrays the score_mod closes over (summed over the devices).
+    Returns:
+      The local ``[B, Tl, N, Hv]`` shard of the output, in ``layout``.
     """
     B, Tl, Sl, N, K = check_arrays(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,

@@ -144,8 +144,18 @@ def _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis,
 def explain_sequence_parallel(query, key, value, bias=None, mask=None, **kwargs) -> Strategy:
     """Which strategy ``sequence_parallel_attention`` runs for these arguments, and why.
 
-    Takes exactly the arguments of ``sequence_parallel_attention`` (arrays or
-    ``jax.ShapeDtypeStruct``), validates them the same way, and computes nothing.
+    Validates the arguments the same way and computes nothing.
+
+    Args:
+      query: ``[B, T, N, H]``, an array or a ``jax.ShapeDtypeStruct``.
+      key: ``[B, S, K, H]``, likewise.
+      value: ``[B, S, K, Hv]``, likewise.
+      bias: must be None, as in ``sequence_parallel_attention``.
+      mask: must be None, likewise.
+      **kwargs: the keyword arguments of ``sequence_parallel_attention`` (``mesh`` required).
+
+    Returns:
+      ``Strategy(strategy, reason, ring_bytes, ulysses_bytes)``.
     """
     return _plan(query, key, value, bias, mask, **_split_kwargs(kwargs))
 
@@ -186,22 +196,35 @@ def sequence_parallel_attention(
 ):
     """Attention with the sequence sharded over mesh axis ``axis_name`` (ring or Ulysses).
 
-    ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Hv]`` are GLOBAL arrays,
-    sharded or not; T and S must be divisible by P (by 2P for ``layout='zigzag'``). Rows are
-    stored in ``layout``: for ``'zigzag'`` (causal load balance) the caller has permuted them
-    with ``jattn.parallel.ring.to_layout`` and passes positions ``jattn.parallel.ring.layout_positions`` to RoPE;
-    see ``jattn.parallel.ring``. Optionally shard the batch over ``batch_axis`` and the heads (N and K)
-    over ``head_axis``. ``strategy`` is ``'ring'`` (default), ``'ulysses'`` (the heads per
-    device must be divisible by P) or ``'auto'`` (see the module docstring and
-    ``explain_sequence_parallel``). ``kwargs``: ``is_causal``, ``scale``, ``logits_soft_cap``,
-    ``local_window_size``, ``block_sizes``, and (ring only) ``mask_mod`` and ``score_mod`` on
-    global indices (batch row, head, original positions; see ``ring_attention``; gradients flow
-    to the arrays a score_mod closes over). Lengths ``[B]`` and segment ids ``[B, T]`` /
-    ``[B, S]`` are as in ``jattn.dot_product_attention`` (segment ids in the same layout as
-    the rows).
+    Equal to ``jattn.dot_product_attention`` on the same arrays. Call it outside
+    ``shard_map``, on GLOBAL arrays, sharded or not.
 
-    Returns ``[B, T, N, Hv]`` sharded as ``P(batch_axis, axis_name, head_axis)``, equal to
-    ``jattn.dot_product_attention`` on the same arrays.
+    Args:
+      query: ``[B, T, N, H]``; T divisible by P, the size of ``axis_name`` (by 2P for
+        ``layout='zigzag'``).
+      key: ``[B, S, K, H]``, N a multiple of K; S divisible like T.
+      value: ``[B, S, K, Hv]``.
+      bias: must be None (the ring takes no dense masks; ValueError).
+      mask: must be None, likewise.
+      mesh: the ``jax.sharding.Mesh``.
+      axis_name: the mesh axis the sequence is sharded over.
+      batch_axis: a mesh axis to shard the batch over, or None.
+      head_axis: a mesh axis to shard the heads (N and K) over, or None.
+      layout: ``'contiguous'`` or ``'zigzag'`` (causal load balance): for ``'zigzag'`` the
+        caller has permuted the rows with ``jattn.parallel.ring.to_layout`` and passes
+        positions ``jattn.parallel.ring.layout_positions`` to RoPE.
+      strategy: ``'ring'`` (default), ``'ulysses'`` (the heads per device must be divisible
+        by P) or ``'auto'`` (fewer bytes sent; see ``explain_sequence_parallel``).
+      query_seq_lengths: ``[B]`` integers, as in ``dot_product_attention``.
+      key_value_seq_lengths: ``[B]`` integers.
+      q_segment_ids: ``[B, T]`` integers, in ``layout``; both segment ids or neither.
+      kv_segment_ids: ``[B, S]`` integers, in ``layout``.
+      **kwargs: ``is_causal``, ``scale``, ``logits_soft_cap``, ``local_window_size``,
+        ``block_sizes``, and (ring only) ``mask_mod`` and ``score_mod`` on global indices
+        (batch row, head, original positions; see ``ring_attention``).
+
+    Returns:
+      ``[B, T, N, Hv]`` in ``layout``, sharded as ``P(batch_axis, axis_name, head_axis)``.
     """
     plan = _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis, layout, strategy,
                  query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids, kwargs)

@@ -69,13 +69,32 @@ def ulysses_attention(
     block_sizes: tuple[int, int] | None = None,
 ):
     """Exact multi-head attention over a sequence sharded along ``axis_name`` by re-sharding to
-    heads; call inside ``jax.shard_map``. Same arguments and result as ``jattn.ring_attention``
-    (LOCAL shards ``query [B, Tl, N, H]``, ``key [B, Sl, K, H]``, ``value [B, Sl, K, Hv]``,
-    segment ids ``[B, Tl]`` / ``[B, Sl]`` in ``layout``, GLOBAL lengths ``[B]``);
-    ``block_sizes`` go to the single-device kernel (``'chunked'`` when it runs).
+    heads (all-to-all); call inside ``jax.shard_map``.
 
-    Needs the N query heads divisible by the P devices of ``axis_name`` (ValueError otherwise:
-    use the ring). Returns the local ``[B, Tl, N, Hv]`` shard in ``layout``.
+    Same arguments and result as ``jattn.ring_attention`` (without the mods); the N query
+    heads must be divisible by the P devices of ``axis_name`` (ValueError otherwise: use the
+    ring). kv heads that P does not divide are replicated ``P / gcd(K, P)`` times.
+
+    Args:
+      query: the LOCAL ``[B, Tl, N, H]`` shard, rows in ``layout``.
+      key: the local ``[B, Sl, K, H]`` shard.
+      value: the local ``[B, Sl, K, Hv]`` shard.
+      bias: must be None.
+      mask: must be None.
+      axis_name: the mesh axis of the enclosing shard_map the sequence is sharded over.
+      layout: ``'contiguous'`` or ``'zigzag'``.
+      is_causal: top-left causal.
+      scale: multiplies ``q·kᵀ``; default ``1/sqrt(H)``.
+      query_seq_lengths: ``[B]`` GLOBAL lengths.
+      key_value_seq_lengths: ``[B]`` GLOBAL lengths.
+      q_segment_ids: local ``[B, Tl]``, in ``layout``.
+      kv_segment_ids: local ``[B, Sl]``, in ``layout``.
+      logits_soft_cap: ``c`` replaces the scaled scores by ``c·tanh(scores/c)``.
+      local_window_size: ``w`` or ``(left, right)``.
+      block_sizes: go to the single-device kernel (``'chunked'`` when it runs).
+
+    Returns:
+      The local ``[B, Tl, N, Hv]`` shard of the output, in ``layout``.
     """
     B, Tl, Sl, N, K = check_arrays(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids
