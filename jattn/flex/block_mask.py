@@ -38,8 +38,21 @@ def _ceil_div(a: int, b: int) -> int:
 class BlockMask:
     """Block-sparse visibility of a ``mask_mod`` (see the module docstring for the layout).
 
-    Arrays are int32: counts ``[B, N, nq]`` / ``[B, N, nk]``, indices ``[B, N, nq, nk]`` /
-    ``[B, N, nk, nq]``. ``B`` and ``N`` are 1 where the mask does not depend on them.
+    ``B`` and ``N`` are 1 where the mask does not depend on them; nq = T / bq, nk = S / bk
+    (rounded up).
+
+    Attributes:
+      kv_num_blocks: int32 ``[B, N, nq]``: partially visible key blocks per query block.
+      kv_indices: int32 ``[B, N, nq, nk]``: their indices, first ``kv_num_blocks`` valid.
+      full_kv_num_blocks: int32 ``[B, N, nq]``: fully visible key blocks (no mask evaluated).
+      full_kv_indices: int32 ``[B, N, nq, nk]``.
+      q_num_blocks: int32 ``[B, N, nk]``: the transpose, for the backward pass.
+      q_indices: int32 ``[B, N, nk, nq]``.
+      full_q_num_blocks: int32 ``[B, N, nk]``.
+      full_q_indices: int32 ``[B, N, nk, nq]``.
+      seq_lengths: static ``(T, S)``.
+      block_size: static ``(bq, bk)``.
+      mask_mod: the static ``mask_mod`` it was built from.
     """
 
     kv_num_blocks: jax.Array  # [B, N, nq]
@@ -169,7 +182,8 @@ def create_block_mask(mask_mod: Callable | None, B: int | None, N: int | None, T
         visible; only tiles holding padded keys are partial).
       B: batch size, or None to broadcast (the mod then sees ``b = 0``).
       N: number of query heads, or None to broadcast (``h = 0``).
-      T: query length. S: key length.
+      T: query length.
+      S: key length.
       block_size: ``bq`` or ``(bq, bk)``; T and S need not be multiples of it.
 
     Returns:

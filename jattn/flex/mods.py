@@ -25,7 +25,14 @@ ScoreMod = Callable  # (score, b, h, q_idx, kv_idx) -> score
 
 
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
-    """Visible where every mask_mod is True (no mods: everything visible)."""
+    """Visible where every mask_mod is True.
+
+    Args:
+      *mask_mods: mask_mods (none: everything visible).
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+    """
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = jnp.bool_(True)
@@ -37,7 +44,14 @@ def and_masks(*mask_mods: MaskMod) -> MaskMod:
 
 
 def or_masks(*mask_mods: MaskMod) -> MaskMod:
-    """Visible where any mask_mod is True (no mods: nothing visible)."""
+    """Visible where any mask_mod is True.
+
+    Args:
+      *mask_mods: mask_mods (none: nothing visible).
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+    """
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = jnp.bool_(False)
@@ -49,7 +63,14 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
 
 
 def chain_scores(*score_mods: ScoreMod) -> ScoreMod:
-    """Apply score_mods left to right (e.g. ``chain_scores(alibi(slopes), soft_cap(30.0))``)."""
+    """Apply score_mods left to right, e.g. ``chain_scores(alibi(slopes), soft_cap(30.0))``.
+
+    Args:
+      *score_mods: score_mods.
+
+    Returns:
+      A ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
+    """
 
     def score_mod(score, b, h, q_idx, kv_idx):
         for s in score_mods:
@@ -65,13 +86,31 @@ def chain_scores(*score_mods: ScoreMod) -> ScoreMod:
 
 
 def causal(b, h, q_idx, kv_idx):
-    """Top-left causal (jax.nn's ``is_causal``): query i sees keys ``<= i``."""
+    """Top-left causal (jax.nn's ``is_causal``): query i sees keys ``<= i``; a mask_mod itself.
+
+    Args:
+      b: batch row (unused).
+      h: query head (unused).
+      q_idx: query position.
+      kv_idx: key position.
+
+    Returns:
+      bool scalar, True = attend.
+    """
     del b, h
     return kv_idx <= q_idx
 
 
 def causal_bottom_right(T: int, S: int) -> MaskMod:
-    """Causal aligned to the bottom-right corner: query i sees keys ``<= i + S - T``."""
+    """Causal aligned to the bottom-right corner: query i sees keys ``<= i + S - T``.
+
+    Args:
+      T: query length.
+      S: key length.
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+    """
     offset = S - T
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -85,6 +124,14 @@ def sliding_window(left: int, right: int = 0, *, offset: int = 0) -> MaskMod:
     """Query at position ``p = q_idx + offset`` sees keys in ``[p - left, p + right]``.
 
     ``sliding_window(w)`` is causal local attention over the last ``w + 1`` keys.
+
+    Args:
+      left: keys visible before the query's position.
+      right: keys visible after it.
+      offset: query row i sits at key position ``i + offset``.
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
     """
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -96,10 +143,16 @@ def sliding_window(left: int, right: int = 0, *, offset: int = 0) -> MaskMod:
 
 
 def document(q_doc_ids, kv_doc_ids=None) -> MaskMod:
-    """Packed documents: attend only within the same id. Ids ``[T]`` or per batch row ``[B, T]``.
+    """Packed documents: attend only within the same id.
 
-    ``kv_doc_ids`` (``[S]`` / ``[B, S]``) defaults to ``q_doc_ids`` (self-attention).
     Combine with ``causal`` for causal attention inside each document.
+
+    Args:
+      q_doc_ids: ``[T]`` ids, or per batch row ``[B, T]``.
+      kv_doc_ids: ``[S]`` / ``[B, S]``; default ``q_doc_ids`` (self-attention).
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
     """
     q_ids = jnp.asarray(q_doc_ids)
     kv_ids = q_ids if kv_doc_ids is None else jnp.asarray(kv_doc_ids)
@@ -118,7 +171,14 @@ def document(q_doc_ids, kv_doc_ids=None) -> MaskMod:
 
 
 def prefix_lm(prefix_lengths) -> MaskMod:
-    """Bidirectional over the first ``prefix_lengths`` keys, causal after (scalar or ``[B]``)."""
+    """Bidirectional over the first ``prefix_lengths`` keys, causal after.
+
+    Args:
+      prefix_lengths: a scalar, or ``[B]`` per batch row.
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+    """
     prefix = jnp.asarray(prefix_lengths)
     if prefix.ndim > 1:
         raise ValueError(f"prefix_lm: expected a scalar or [B] lengths, got shape {prefix.shape}")
@@ -132,7 +192,15 @@ def prefix_lm(prefix_lengths) -> MaskMod:
 
 
 def lengths(q_lengths=None, kv_lengths=None) -> MaskMod:
-    """Padding: query rows ``>= q_lengths[b]`` and keys ``>= kv_lengths[b]`` are hidden (``[B]``)."""
+    """Padding: query rows ``>= q_lengths[b]`` and keys ``>= kv_lengths[b]`` are hidden.
+
+    Args:
+      q_lengths: ``[B]`` valid query rows, or None.
+      kv_lengths: ``[B]`` valid keys, or None.
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+    """
     q_len = None if q_lengths is None else jnp.asarray(q_lengths)
     kv_len = None if kv_lengths is None else jnp.asarray(kv_lengths)
     for name, x in (("q_lengths", q_len), ("kv_lengths", kv_len)):
@@ -152,7 +220,14 @@ def lengths(q_lengths=None, kv_lengths=None) -> MaskMod:
 
 
 def chunked_local(chunk_size: int) -> MaskMod:
-    """Attend only within fixed chunks of ``chunk_size`` positions (Llama 4's chunked attention)."""
+    """Attend only within fixed chunks of positions (Llama 4's chunked attention).
+
+    Args:
+      chunk_size: positions per chunk.
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+    """
 
     def mask_mod(b, h, q_idx, kv_idx):
         del b, h
@@ -162,7 +237,14 @@ def chunked_local(chunk_size: int) -> MaskMod:
 
 
 def sinks(num_sinks: int) -> MaskMod:
-    """The first ``num_sinks`` keys are always visible (attention sinks; ``or_masks`` it in)."""
+    """The first keys are always visible (attention sinks; ``or_masks`` it in).
+
+    Args:
+      num_sinks: how many leading keys.
+
+    Returns:
+      A ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+    """
 
     def mask_mod(b, h, q_idx, kv_idx):
         del b, h, q_idx
@@ -177,12 +259,26 @@ def sinks(num_sinks: int) -> MaskMod:
 
 
 def alibi_slopes(num_heads: int):
-    """ALiBi's per-head slopes ``[N]``: the geometric sequence ``2^(-8 (i+1) / N)`` (Press et al.)."""
+    """ALiBi's per-head slopes: the geometric sequence ``2^(-8 (i+1) / N)`` (Press et al.).
+
+    Args:
+      num_heads: N.
+
+    Returns:
+      float32 ``[N]``.
+    """
     return jnp.asarray([2.0 ** (-8.0 * (i + 1) / num_heads) for i in range(num_heads)], jnp.float32)
 
 
 def alibi(slopes) -> ScoreMod:
-    """ALiBi: ``score + slopes[h] * (kv_idx - q_idx)`` (a linear penalty with distance), ``slopes [N]``."""
+    """ALiBi: ``score + slopes[h] * (kv_idx - q_idx)``, a linear penalty with distance.
+
+    Args:
+      slopes: ``[N]`` per query head (may be traced: it gets gradients).
+
+    Returns:
+      A ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
+    """
     slopes = jnp.asarray(slopes)
 
     def score_mod(score, b, h, q_idx, kv_idx):
@@ -193,7 +289,14 @@ def alibi(slopes) -> ScoreMod:
 
 
 def soft_cap(cap: float) -> ScoreMod:
-    """Logit soft cap ``cap * tanh(score / cap)`` (Gemma 2)."""
+    """Logit soft cap ``cap * tanh(score / cap)`` (Gemma 2).
+
+    Args:
+      cap: the cap, > 0.
+
+    Returns:
+      A ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
+    """
 
     def score_mod(score, b, h, q_idx, kv_idx):
         del b, h, q_idx, kv_idx
@@ -203,9 +306,14 @@ def soft_cap(cap: float) -> ScoreMod:
 
 
 def relative_bias(table, T: int) -> ScoreMod:
-    """Learned relative-position bias ``score + table[h, kv_idx - q_idx + T - 1]``, ``table [N, T+S-1]``.
+    """Learned relative-position bias ``score + table[h, kv_idx - q_idx + T - 1]``.
 
-    ``T`` is the query length: column ``T - 1`` holds distance 0 (``[N, 2T-1]`` when S = T).
+    Args:
+      table: ``[N, T+S-1]``; column ``T - 1`` holds distance 0 (``[N, 2T-1]`` when S = T).
+      T: the query length.
+
+    Returns:
+      A ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
     """
     table = jnp.asarray(table)
     if table.ndim != 2:
@@ -219,7 +327,17 @@ def relative_bias(table, T: int) -> ScoreMod:
 
 
 def t5_bucket(relative_position, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True):
-    """T5's bucket of a relative position ``kv_idx - q_idx``: exact when small, log-spaced after."""
+    """T5's bucket of a relative position: exact when small, log-spaced after.
+
+    Args:
+      relative_position: integer ``kv_idx - q_idx`` (any shape).
+      num_buckets: buckets in all (split between the two directions when bidirectional).
+      max_distance: distances from here on share the last bucket.
+      bidirectional: separate buckets for keys before and after the query.
+
+    Returns:
+      Integer buckets in ``[0, num_buckets)``, the shape of ``relative_position``.
+    """
     n = -relative_position
     ret = jnp.zeros_like(n)
     if bidirectional:
@@ -238,7 +356,16 @@ def t5_bucket(relative_position, num_buckets: int = 32, max_distance: int = 128,
 
 
 def t5_bias(table, *, max_distance: int = 128, bidirectional: bool = True) -> ScoreMod:
-    """T5-style bucketed relative bias ``score + table[h, bucket(kv_idx - q_idx)]``, ``table [N, num_buckets]``."""
+    """T5-style bucketed relative bias ``score + table[h, t5_bucket(kv_idx - q_idx)]``.
+
+    Args:
+      table: ``[N, num_buckets]`` learned biases.
+      max_distance: as in ``t5_bucket``.
+      bidirectional: as in ``t5_bucket``.
+
+    Returns:
+      A ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
+    """
     table = jnp.asarray(table)
     if table.ndim != 2:
         raise ValueError(f"t5_bias: expected table of shape [N, num_buckets], got {table.shape}")

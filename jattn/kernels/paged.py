@@ -43,6 +43,17 @@ BAD_PAGE_TABLE = 4  # a page id outside [0, P), or a page also held by another s
 
 
 class PagedKVCache(NamedTuple):
+    """A paged KV cache (a pytree of arrays: pass it through ``jit``).
+
+    Attributes:
+      key_pages: ``[P, Ps, K, H]`` the shared pool of key pages.
+      value_pages: ``[P, Ps, K, Hv]``.
+      page_table: int32 ``[B, M]``: the pages of each sequence in order, -1 = no page.
+      lengths: int32 ``[B]`` tokens held per sequence.
+      page_free: bool ``[P]``.
+      errors: int32 ``[B]`` misuse bit flags (``OUT_OF_PAGES``, ``PAST_PAGES``, ``BAD_PAGE_TABLE``).
+    """
+
     key_pages: jax.Array  # [P, Ps, K, H]
     value_pages: jax.Array  # [P, Ps, K, Hv]
     page_table: jax.Array  # [B, M] int32, -1 = no page
@@ -63,7 +74,8 @@ def init(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *, ba
     Args:
       num_pages: P, pages in the shared pool.
       page_size: Ps, positions per page.
-      num_kv_heads, head_dim: K and H; ``value_head_dim`` Hv defaults to H.
+      num_kv_heads, head_dim: K and H.
+      value_head_dim: Hv; default H.
       batch_size: B, sequence slots.
       max_pages_per_sequence: M, the page-table width (a sequence holds at most M·Ps tokens).
       dtype: dtype of the pages.
@@ -119,6 +131,12 @@ def check(cache: PagedKVCache) -> None:
     """Raise ``ValueError`` if any sequence carries an error flag or its page table is bad.
 
     Call it eagerly (outside ``jit``) after jitted steps to surface misuse.
+
+    Args:
+      cache: the paged cache (concrete arrays).
+
+    Returns:
+      None; raises ``ValueError`` naming the sequences and their misuse.
     """
     errors = np.asarray(cache.errors) | np.where(np.asarray(_table_problems(cache)), BAD_PAGE_TABLE, 0)
     bad = np.nonzero(errors)[0]
@@ -221,6 +239,12 @@ def append(cache: PagedKVCache, key, value, num_new=None) -> PagedKVCache:
     Writing past them raises ``ValueError`` eagerly; under ``jit`` the sequence writes
     nothing, keeps its length and gets ``PAST_PAGES``.
 
+    Args:
+      cache: the paged cache.
+      key: ``[B, T, K, H]`` new keys.
+      value: ``[B, T, K, Hv]`` new values.
+      num_new: int ``[B]`` (or a scalar) tokens to take per sequence, in ``[0, T]``; default T.
+
     Returns:
       The cache with the tokens written and ``lengths`` advanced.
     """
@@ -263,9 +287,16 @@ def _free(cache: PagedKVCache, rows) -> PagedKVCache:
 
 
 def free(cache: PagedKVCache, rows) -> PagedKVCache:
-    """Return the pages of the sequences ``rows [B]`` (bool) to the pool and empty their slots.
+    """Return the pages of some sequences to the pool and empty their slots.
 
     Also clears their error flags: a freed slot starts clean.
+
+    Args:
+      cache: the paged cache.
+      rows: bool ``[B]``, the sequences to free.
+
+    Returns:
+      The cache with those slots empty and their pages free.
     """
     B = cache.lengths.shape[0]
     _checks.boolean("rows", rows)
@@ -332,9 +363,20 @@ def paged_decode_attention(query, cache: PagedKVCache, *, scale=None, logits_sof
 
 def from_dense(key, value, lengths, *, page_size: int, num_pages: int | None = None,
                max_pages_per_sequence: int | None = None) -> PagedKVCache:
-    """A paged cache holding the first ``lengths[b]`` tokens of dense ``key/value [B, S, K, H]``.
+    """A paged cache holding the first ``lengths[b]`` tokens of dense keys and values.
 
     Allocates and appends through the public API (eagerly); mostly for tests and benchmarks.
+
+    Args:
+      key: ``[B, S, K, H]``.
+      value: ``[B, S, K, Hv]``.
+      lengths: int ``[B]`` tokens to keep per sequence.
+      page_size: Ps, positions per page.
+      num_pages: P; default ``B·M`` (every sequence can fill its table).
+      max_pages_per_sequence: M; default ``ceil(S / page_size)``.
+
+    Returns:
+      The ``PagedKVCache``.
     """
     B, S, K, H = _checks.rank("key", key, 4, "[B, S, K, H]")
     M = max_pages_per_sequence or -(-S // page_size)

@@ -69,12 +69,19 @@ def _divides(name: str, what: str, n: int, size: int, axis) -> None:
 
 
 class Strategy(NamedTuple):
-    """The strategy a ``sequence_parallel_attention`` call runs, and why."""
+    """The strategy a ``sequence_parallel_attention`` call runs, and why.
+
+    Attributes:
+      strategy: ``'ring'`` or ``'ulysses'``.
+      reason: why, in words.
+      ring_bytes: forward+backward bytes one device sends with the ring (estimate from shapes).
+      ulysses_bytes: the same for Ulysses; None where the heads do not split over P.
+    """
 
     strategy: str
     reason: str
-    ring_bytes: int  # forward+backward bytes one device sends with the ring (estimate from shapes)
-    ulysses_bytes: int | None  # same for Ulysses; None where the heads do not split over P
+    ring_bytes: int
+    ulysses_bytes: int | None
 
 
 def _plan(query, key, value, bias, mask, mesh, axis_name, batch_axis, head_axis, layout, strategy,

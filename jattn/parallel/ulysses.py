@@ -36,7 +36,15 @@ from jattn.parallel.ring import LAYOUTS, _chunks, check_arrays
 
 
 def kv_replication(num_kv_heads: int, num_devices: int) -> int:
-    """How many copies of each kv head Ulysses sends: ``P / gcd(K, P)`` (1 when P divides K)."""
+    """How many copies of each kv head Ulysses sends: ``P / gcd(K, P)`` (1 when P divides K).
+
+    Args:
+      num_kv_heads: K.
+      num_devices: P, the devices of the sequence axis.
+
+    Returns:
+      The replication factor, an int >= 1.
+    """
     return num_devices // math.gcd(num_kv_heads, num_devices)
 
 
