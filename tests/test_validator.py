@@ -71,3 +71,21 @@ def test_every_entry_point_uses_the_one_validator(name, monkeypatch):
         else:
             fn(Q, three, three)
     assert calls
+
+
+@pytest.mark.parametrize("fn", [jattn.ring_attention, jattn.ulysses_attention], ids=["ring", "ulysses"])
+def test_ring_and_ulysses_share_the_local_checks(fn):
+    P = jax.sharding.PartitionSpec
+    odd = np.ones((1, 3, 2, 8), np.float32)  # 3 local rows: no zig-zag split
+
+    def run(axis, layout, x):
+        return jax.shard_map(lambda q: fn(q, q, q, axis_name=axis, layout=layout), mesh=_mesh(),
+                             in_specs=P(), out_specs=P())(x)
+
+    with pytest.raises(ValueError, match="axis_name: expected a mesh axis of the enclosing shard_map, got 'seq'"):
+        run("seq", "contiguous", Q)
+    with pytest.raises(ValueError, match=r"query: the zig-zag layout needs an even number of rows per device "
+                                         r"\(sequence length divisible by 2 x 1\), got 3 local rows"):
+        run("s", "zigzag", odd)
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        run("s", "striped", Q)

@@ -158,6 +158,28 @@ def check_arrays(query, key, value, bias, mask, q_lengths, kv_lengths, q_segment
     return sh.B, sh.T, sh.S, sh.N, sh.K
 
 
+def axis_size(name: str, axis) -> int:
+    """The size of mesh axis ``axis`` of the enclosing shard_map, or a ValueError naming ``name``."""
+    try:
+        return jax.lax.axis_size(axis)
+    except NameError as e:
+        raise ValueError(f"{name}: expected a mesh axis of the enclosing shard_map, got {axis!r}") from e
+
+
+def check_local_layout(layout: str, axis_name, Tl: int, Sl: int) -> int:
+    """``layout`` known and, for zig-zag, even local lengths; returns P, the size of ``axis_name``."""
+    _checks.choice("layout", layout, LAYOUTS)
+    P = axis_size("axis_name", axis_name)
+    if layout == "zigzag":
+        for name, L in (("query", Tl), ("key", Sl)):
+            if L % 2:
+                raise ValueError(
+                    f"{name}: the zig-zag layout needs an even number of rows per device "
+                    f"(sequence length divisible by 2 x {P}), got {L} local rows"
+                )
+    return P
+
+
 # ----------------------------------------------------------------------------------------
 # Which blocks can see each other: static (schedule) and traced (per tile) versions.
 # ----------------------------------------------------------------------------------------
@@ -740,25 +762,12 @@ def ring_attention(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths,
         q_segment_ids, kv_segment_ids,
     )
-    _checks.choice("layout", layout, LAYOUTS)
-    try:
-        P = jax.lax.axis_size(axis_name)
-    except NameError as e:
-        raise ValueError(
-            f"axis_name: expected a mesh axis of the enclosing shard_map, got {axis_name!r}"
-        ) from e
+    P = check_local_layout(layout, axis_name, Tl, Sl)
     if is_causal and Tl != Sl:
         raise ValueError(
             f"key: causal ring attention needs as many key rows as query rows per device, got "
             f"{Sl} key rows and {Tl} query rows"
         )
-    if layout == "zigzag":
-        for name, L in (("query", Tl), ("key", Sl)):
-            if L % 2:
-                raise ValueError(
-                    f"{name}: the zig-zag layout needs an even number of rows per device "
-                    f"(sequence length divisible by 2 x {P}), got {L} local rows"
-                )
     H = query.shape[-1]
     scale, logits_soft_cap, window = spec.options(H, scale, logits_soft_cap, local_window_size, P * (Tl + Sl))
     bq, bk = _tile_sizes(block_sizes, Tl, Sl)
@@ -767,10 +776,7 @@ def ring_attention(
         raise TypeError(f"mask_mod: expected a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
     for name, axis in (("batch_axis", batch_axis), ("head_axis", head_axis)):
         if axis is not None:
-            try:
-                jax.lax.axis_size(axis)
-            except NameError as e:
-                raise ValueError(f"{name}: expected a mesh axis of the enclosing shard_map, got {axis!r}") from e
+            axis_size(name, axis)
     smod, consts = None, ()
     if score_mod is not None:
         smod = convert.convert("score_mod", score_mod, _compute_dtype(_checks.dtype_of("query", query)))

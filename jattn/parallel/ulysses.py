@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.core import _checks
 from jattn.functional import dot_product_attention
-from jattn.parallel.ring import LAYOUTS, _chunks, check_arrays
+from jattn.parallel.ring import _chunks, check_arrays, check_local_layout
 
 
 def kv_replication(num_kv_heads: int, num_devices: int) -> int:
@@ -107,18 +106,12 @@ def ulysses_attention(
     B, Tl, Sl, N, K = check_arrays(
         query, key, value, bias, mask, query_seq_lengths, key_value_seq_lengths, q_segment_ids, kv_segment_ids
     )
-    _checks.choice("layout", layout, LAYOUTS)
-    try:
-        P = jax.lax.axis_size(axis_name)
-    except NameError as e:
-        raise ValueError(f"axis_name: expected a mesh axis of the enclosing shard_map, got {axis_name!r}") from e
+    P = check_local_layout(layout, axis_name, Tl, Sl)
     if N % P:
         raise ValueError(
             f"query: Ulysses splits the N={N} query heads over the {P} devices of {axis_name!r}, so N must "
             f"be divisible by {P}; use strategy='ring'"
         )
-    if layout == "zigzag" and (Tl % 2 or Sl % 2):
-        raise ValueError(f"query: the zig-zag layout needs an even number of rows per device, got {Tl} and {Sl}")
     r = kv_replication(K, P)
     if r > 1:  # each kv head r times in a row: query head n still meets kv head n // (N/K)
         key, value = jnp.repeat(key, r, axis=2), jnp.repeat(value, r, axis=2)  # [B, Sl, Kr, H|Hv]
