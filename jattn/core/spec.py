@@ -87,9 +87,10 @@ class Shapes(NamedTuple):
     def B(self) -> int:
         return math.prod(self.batch_shape)
 
-    @property
-    def G(self) -> int:
-        return self.N // self.K
+
+# The array arguments, by the names check_arrays reports them under unless ``names`` says otherwise.
+_ARGS = ("query", "key", "value", "bias", "mask", "query_seq_lengths", "key_value_seq_lengths", "q_segment_ids",
+         "kv_segment_ids")
 
 
 def check_arrays(
@@ -168,10 +169,6 @@ def check_arrays(
             _checks.integer(name[arg], x)
             _checks.exact_shape(name[arg], x, batch_shape + trailing, layout)
     return Shapes(batch_shape, Tn, N, H, S, K, Hv)
-
-
-_ARGS = ("query", "key", "value", "bias", "mask", "query_seq_lengths", "key_value_seq_lengths", "q_segment_ids",
-         "kv_segment_ids")
 
 
 def options(H: int, scale, logits_soft_cap, local_window_size, window_limit: int | None):
