@@ -235,6 +235,36 @@ def test_static_block_flags_are_exactly_the_needed_tiles(T, S, bq, bk, causal, o
     np.testing.assert_array_equal(rows.q_num[0, 0] + rows.full_q_num[0, 0], needed.sum(0))
 
 
+@pytest.mark.parametrize("T,S,bq,bk,causal,offset,window", [
+    (13, 11, 4, 3, True, 0, None),
+    (17, 7, 3, 2, True, -10, None),
+    (19, 23, 5, 3, True, 4, (6, 0)),
+    (12, 9, 4, 4, False, 0, None),
+    (11, 13, 5, 3, False, -3, (0, 5)),
+])
+def test_length_block_flags_are_exactly_the_needed_tiles(T, S, bq, bk, causal, offset, window):
+    # Brute force per batch row: lengths 0, inside a block, on a block edge, past the end.
+    q_len, kv_len = np.array([0, 5, T, 2 * T, 4]), np.array([S, 3, 0, S - 1, 2 * S])
+    pos, key = np.arange(T)[:, None] + offset, np.arange(S)[None, :]
+    pattern = np.ones((T, S), bool)
+    if causal:
+        pattern &= key <= pos
+    if window:
+        pattern &= (key >= pos - window[0]) & (key <= pos + window[1])
+    nq, nk = -(-T // bq), -(-S // bk)
+    for kv_lengths in (kv_len, None):
+        partial, full = chunked.length_block_flags(T, S, bq, bk, causal, offset, window, q_len, kv_lengths)
+        for b in range(len(q_len)):
+            visible = pattern & (np.arange(T)[:, None] < q_len[b])
+            if kv_lengths is not None:
+                visible &= key < kv_lengths[b]
+            tiles = [[visible[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk] for j in range(nk)] for i in range(nq)]
+            needed = np.array([[t.any() for t in row] for row in tiles])
+            fully = np.array([[t.all() and (j + 1) * bk <= S for j, t in enumerate(row)] for row in tiles])
+            np.testing.assert_array_equal(np.asarray(full[b]), fully, err_msg=f"row {b}")
+            np.testing.assert_array_equal(np.asarray(partial[b]), needed & ~fully, err_msg=f"row {b}")
+
+
 def test_causal_skips_half_the_blocks():
     partial, full = chunked.static_block_flags(4096, 4096, 256, 256, True, 0, None)
     assert (partial | full).sum() == 16 * 17 // 2  # lower triangle of 16 x 16 blocks, diagonal included

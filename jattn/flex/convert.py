@@ -129,25 +129,28 @@ def convert(kind: str, mod: Callable, score_dtype=jnp.float32) -> Converted:
     )
 
 
-def on_tile(mod: Converted, consts, *args):
+def on_tile(mod: Converted, consts, *args, kv_major: bool = False):
     """Evaluate a converted mod on a tile.
 
     Args:
       mod: the converted mod.
       consts: its consts (possibly other values than ``mod.consts``, e.g. inside a VJP).
-      *args: ``(score [tq, tk],)`` for a score_mod, then ``b [], h [], q_idx [tq], kv_idx [tk]``.
+      *args: ``(score,)`` for a score_mod ([tq, tk], or [tk, tq] when ``kv_major``), then
+        ``b [], h [], q_idx [tq], kv_idx [tk]``.
+      kv_major: lay the tile out keys first (the backward's transposed tiles).
 
     Returns:
-      [tq, tk]: the modified scores, or the bool mask.
+      [tq, tk] (``kv_major``: [tk, tq]): the modified scores, or the bool mask.
     """
     n_consts = len(consts)
+    rest = (None,) * n_consts
     if mod.kind == "score_mod":
         score, b, h, q_idx, kv_idx = args
-        over_k = jax.vmap(mod, in_axes=(0, None, None, None, 0) + (None,) * n_consts)
-        over_q = jax.vmap(over_k, in_axes=(0, None, None, 0, None) + (None,) * n_consts)
-        return over_q(score, b, h, q_idx, kv_idx, *consts)  # [tq, tk]
-    b, h, q_idx, kv_idx = args
-    over_k = jax.vmap(mod, in_axes=(None, None, None, 0) + (None,) * n_consts)
-    over_q = jax.vmap(over_k, in_axes=(None, None, 0, None) + (None,) * n_consts)
-    out = over_q(b, h, q_idx, kv_idx, *consts)  # [tq, tk]
-    return jnp.broadcast_to(out, (q_idx.shape[0], kv_idx.shape[0]))
+        q_axes, k_axes = (0, None, None, 0, None) + rest, (0, None, None, None, 0) + rest
+    else:
+        b, h, q_idx, kv_idx = args
+        q_axes, k_axes = (None, None, 0, None) + rest, (None, None, None, 0) + rest
+    inner, outer = (q_axes, k_axes) if kv_major else (k_axes, q_axes)
+    out = jax.vmap(jax.vmap(mod, in_axes=inner), in_axes=outer)(*args, *consts)  # [tq, tk] or [tk, tq]
+    shape = (kv_idx.shape[0], q_idx.shape[0]) if kv_major else (q_idx.shape[0], kv_idx.shape[0])
+    return jnp.broadcast_to(out, shape)

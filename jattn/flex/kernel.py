@@ -12,14 +12,22 @@ Forward: for each query block i, an online softmax (``blockwise.fold``) over the
 row of the block mask lists: first the partial ones (``mask_mod`` and padding evaluated on the
 tile), then the full ones (no mask evaluation). Each list is a loop of ``count`` steps; under
 ``vmap`` over heads and batch a batched count becomes a batched loop bound and JAX runs the
-maximum count, never all blocks. Backward (FlashAttention-2, ``blockwise.logit_grads``): for
-each key block j, the query blocks of the transposed view; dK, dV per key block, dQ, dbias
+maximum count, never all blocks. Backward (FlashAttention-2): for each key block j, the query
+blocks of the transposed view, on key-major tiles [bk, bq]; dK, dV per key block, dQ, dbias
 and the gradients of the score_mod's closed-over arrays in carries.
 
+Layout: q (forward: k) is also held transposed, once per head, so that every tile matmul is
+a plain ``[m, k] @ [k, n]``, the form XLA:CPU hands to its fast matmul (a transposed operand
+costs a copy per tile; a transposed lhs falls off the fast matmul: 1.6x its time measured
+on [8, 128, 128] tiles).
+
 Semantics: NaN is not hidden and propagates to the rows that see it; a NaN or inf in a q, k
-or v row that a row cannot see never reaches that row (``jattn.core._finite``). A row that sees
-nothing gives 0 (lse ``-inf``) and zero gradients. Arithmetic runs in the inputs' dtype
-(callers cast to fp32, or keep float64).
+or v row that a row cannot see never reaches that row (``jattn.core._finite``): such rows are
+multiplied as zeros; a bad query row that sees a key, and a row that sees a bad key, get a
+NaN softmax sum (so a NaN out and lse, whose NaN the backward's P = exp(logits - lse)
+carries on); a row that sees a bad value row gets a NaN output. A row that sees nothing
+gives 0 (lse ``-inf``) and zero gradients.
+Arithmetic runs in the inputs' dtype (callers cast to fp32, or keep float64).
 """
 
 from __future__ import annotations
@@ -75,68 +83,79 @@ class Inputs(NamedTuple):
 
 
 class _Finite(NamedTuple):
-    """q, k, v with non-finite rows zeroed (q also scaled) and the NaN to add where such a row is seen."""
+    """q, k, v with non-finite rows zeroed (q also scaled) and which rows were non-finite."""
 
     q: jax.Array  # [Tp, d_k]: q · scale
     k: jax.Array  # [Sp, d_k]
     v: jax.Array  # [Sp, d_v]
-    q_nan: jax.Array  # [Tp]: NaN at non-finite query rows, else 0
-    k_nan: jax.Array  # [Sp]
+    q_bad: jax.Array  # [Tp] bool
+    k_bad: jax.Array  # [Sp] bool
     v_bad: jax.Array  # [Sp] bool
 
 
 def _split(st: Static, a: Inputs) -> _Finite:
     """Once per head: scaling q here keeps each [bq, bk] score tile a bare q kᵀ."""
     (q, q_bad), (k, k_bad), (v, v_bad) = _finite.split(a.q), _finite.split(a.k), _finite.split(a.v)
-    return _Finite(q * st.scale, k, v, _finite.nan_at(q_bad, q.dtype), _finite.nan_at(k_bad, k.dtype), v_bad)
+    return _Finite(q * st.scale, k, v, q_bad, k_bad, v_bad)
 
 
 def _rows(x, i, size):
     return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=0)
 
 
-def _tile(x, i, j, st: Static):
-    return None if x is None else jax.lax.dynamic_slice(x, (i * st.bq, j * st.bk), (st.bq, st.bk))
+def _cols(x, i, size):
+    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
 
 
-def _ids(st: Static, i, j):
-    """Clamped global indices the mods see, and which rows/keys are real: [bq], [bk]."""
+def _tile(x, i, j, st: Static, kv_major: bool):
+    if x is None:
+        return None
+    tile = jax.lax.dynamic_slice(x, (i * st.bq, j * st.bk), (st.bq, st.bk))  # [bq, bk]
+    return tile.T if kv_major else tile
+
+
+def _ids(st: Static, i, j, kv_major: bool):
+    """Clamped global indices the mods see, and which entries are real: [bq], [bk], [bq, bk] ([bk, bq])."""
     q_ids = (i * st.bq).astype(jnp.int32) + jnp.arange(st.bq, dtype=jnp.int32)  # [bq]
     kv_ids = (j * st.bk).astype(jnp.int32) + jnp.arange(st.bk, dtype=jnp.int32)  # [bk]
-    real = (q_ids < st.T)[:, None] & (kv_ids < st.S)[None, :]  # [bq, bk]
+    q_real, kv_real = q_ids < st.T, kv_ids < st.S
+    real = kv_real[:, None] & q_real[None, :] if kv_major else q_real[:, None] & kv_real[None, :]
     return jnp.minimum(q_ids, st.T - 1), jnp.minimum(kv_ids, st.S - 1), real
 
 
-def _score_fn(st: Static, a: Inputs, q_ids, kv_ids):
-    """(scores [bq, bk], score consts) -> modified scores [bq, bk] (identity without a mod)."""
+def _score_fn(st: Static, a: Inputs, q_ids, kv_ids, kv_major: bool):
+    """(scores, score consts) -> modified scores, on a tile [bq, bk] ([bk, bq] when ``kv_major``)."""
     if st.score_mod is None:
         return lambda s, consts: s
-    return lambda s, consts: convert.on_tile(st.score_mod, consts, s, a.b, a.h, q_ids, kv_ids).astype(s.dtype)
+    return lambda s, consts: convert.on_tile(
+        st.score_mod, consts, s, a.b, a.h, q_ids, kv_ids, kv_major=kv_major).astype(s.dtype)
 
 
-def _logits(st: Static, a: Inputs, f: _Finite, i, j, scores, partial: bool, q_ids, kv_ids, real):
-    """(logits [bq, bk], visible [bq, bk] or None) from the modified ``scores`` of tile (i, j).
+def _logits(st: Static, a: Inputs, f: _Finite, i, j, scores, partial: bool, q_ids, kv_ids, real, kv_major: bool):
+    """(logits, visible or None) from the modified ``scores`` of tile (i, j): [bq, bk], or
+    [bk, bq] when ``kv_major`` (the backward's layout).
 
     Visibility comes from the scores (-inf hides), the dense mask and bias tiles, and on
-    partial tiles the mask_mod and padding; NaN of non-finite q/k rows is added afterwards
-    (after score_mod, so that no mod can drop it, and visible unless something else hides it).
+    partial tiles the mask_mod and padding. Non-finite q/k rows are not added here as NaN
+    logits (an extra pass over every tile): the forward poisons the softmax sum of the rows
+    that see one (after score_mod and masks, so no mod drops it), which makes their lse NaN,
+    and the backward's P = exp(logits - lse) is NaN on exactly those rows.
     """
     parts = []
     if st.score_mod is not None:
         parts.append(scores != -jnp.inf)  # a score_mod hides an entry by returning -inf
     logits = scores
-    bias = _tile(a.bias, i, j, st)  # [bq, bk]
+    bias = _tile(a.bias, i, j, st, kv_major)
     if bias is not None:
         logits = logits + bias
         parts.append(bias != -jnp.inf)  # only -inf hides; a NaN bias propagates
-    mask = _tile(a.mask, i, j, st)  # [bq, bk]
+    mask = _tile(a.mask, i, j, st, kv_major)
     if mask is not None:
         parts.append(mask)
     if partial:
         parts.append(real)
         if st.mask_mod is not None:
-            parts.append(convert.on_tile(st.mask_mod, a.mask_consts, a.b, a.h, q_ids, kv_ids))
-    logits = logits + _rows(f.q_nan, i, st.bq)[:, None] + _rows(f.k_nan, j, st.bk)[None, :]  # [bq, bk]
+            parts.append(convert.on_tile(st.mask_mod, a.mask_consts, a.b, a.h, q_ids, kv_ids, kv_major=kv_major))
     return logits, functools.reduce(jnp.logical_and, parts) if parts else None
 
 
@@ -144,25 +163,34 @@ def _forward(st: Static, a: Inputs, r: Rows):
     nq = a.q.shape[0] // st.bq
     d_v = a.v.shape[1]
     f = _split(st, a)
+    k_t = f.k.T  # [d_k, Sp]: held transposed once, not per tile (see _bwd)
 
     def q_block(i):
         q_blk = _rows(f.q, i, st.bq)  # [bq, d_k]
 
         def step(n, carry, indices, partial):
             j = indices[i, n]
-            k_blk, v_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk)  # [bk, d_k], [bk, d_v]
-            q_ids, kv_ids, real = _ids(st, i, j)
-            raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
-            scores = _score_fn(st, a, q_ids, kv_ids)(raw, a.score_consts)
-            logits, vis = _logits(st, a, f, i, j, scores, partial, q_ids, kv_ids, real)
-            return blockwise.fold(carry, logits, vis, v_blk, _rows(f.v_bad, j, st.bk))
+            kt_blk, v_blk = _cols(k_t, j, st.bk), _rows(f.v, j, st.bk)  # [d_k, bk], [bk, d_v]
+            q_ids, kv_ids, real = _ids(st, i, j, False)
+            raw = q_blk @ kt_blk  # [bq, bk]: q kᵀ · scale
+            scores = _score_fn(st, a, q_ids, kv_ids, False)(raw, a.score_consts)
+            logits, vis = _logits(st, a, f, i, j, scores, partial, q_ids, kv_ids, real, False)
+            k_bad = _rows(f.k_bad, j, st.bk)  # [bk]
+            if vis is not None:  # NaN columns, in the pass that applies vis: hidden ones stay hidden
+                logits = logits + _finite.nan_at(k_bad, logits.dtype)[None, :]  # [bq, bk]
+            m, l, acc = blockwise.fold(carry, logits, vis, v_blk, _rows(f.v_bad, j, st.bk))
+            if vis is None:  # every row sees every key: a NaN sum (so lse) where a key is bad
+                l = l + _finite.nan_at(jnp.any(k_bad), l.dtype)
+            return m, l, acc
 
         carry = blockwise.init_carry_like(q_blk, d_v)
         carry = jax.lax.fori_loop(0, r.kv_num[i], functools.partial(step, indices=r.kv_idx, partial=True), carry)
         carry = jax.lax.fori_loop(
             0, r.full_kv_num[i], functools.partial(step, indices=r.full_kv_idx, partial=False), carry
         )
-        out, lse = blockwise.finalize(carry)  # rows that saw nothing: 0 and -inf
+        m, l, acc = carry
+        l = l + _finite.nan_at(_rows(f.q_bad, i, st.bq) & (l != 0), l.dtype)  # a bad query row that sees a key
+        out, lse = blockwise.finalize((m, l, acc))  # rows that saw nothing: 0 and -inf
         return _finite.with_nan_rows(out, lse), lse  # [bq, d_v], [bq]
 
     out, lse = jax.lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))  # [nq, bq, d_v], [nq, bq]
@@ -181,23 +209,27 @@ def _fwd(st: Static, a: Inputs, r: Rows):
 
 
 def _bwd(st: Static, res, cotangents):
+    """FlashAttention-2 backward on key-major tiles [bk, bq]: with q, k and dO also held
+    transposed, each of the four tile matmuls is a plain [m, k] @ [k, n] (module docstring)."""
     a, r, out, lse = res
     d_out, d_lse = cotangents  # [Tp, d_v], [Tp]
     nk = a.k.shape[0] // st.bk
     f = _split(st, a)
     delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp]; the lse cotangent folds into delta
+    lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [Tp]; rows that saw nothing get P = 0
+    q_t, k_t, do_t = f.q.T, f.k.T, d_out.T  # [d_k, Tp], [d_k, Sp], [d_v, Tp]
     is_float = [jnp.issubdtype(c.dtype, jnp.inexact) for c in a.score_consts]
 
     def kv_block(carry, j):
-        k_blk, v_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk)  # [bk, d_k], [bk, d_v]
+        k_blk, v_blk, kt_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk), _cols(k_t, j, st.bk)  # [bk, d], [d_k, bk]
 
         def step(n, inner, indices, partial):
-            dk, dv, dq_all, dbias_all, dconsts = inner
+            dk, dv, dq_t, dbias_all, dconsts = inner
             i = indices[j, n]
-            q_blk, do_blk = _rows(f.q, i, st.bq), _rows(d_out, i, st.bq)  # [bq, d_k], [bq, d_v]
-            q_ids, kv_ids, real = _ids(st, i, j)
-            raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
-            score = _score_fn(st, a, q_ids, kv_ids)
+            q_blk, qt_blk, dot_blk = _rows(f.q, i, st.bq), _cols(q_t, i, st.bq), _cols(do_t, i, st.bq)
+            q_ids, kv_ids, real = _ids(st, i, j, True)
+            raw = k_blk @ qt_blk  # [bk, bq]: (q kᵀ · scale)ᵀ
+            score = _score_fn(st, a, q_ids, kv_ids, True)
             floats = tuple(c for c, fl in zip(a.score_consts, is_float) if fl)
 
             def with_floats(s, fl):
@@ -205,18 +237,23 @@ def _bwd(st: Static, res, cotangents):
                 return score(s, tuple(next(it) if isf else c for c, isf in zip(a.score_consts, is_float)))
 
             scores, score_vjp = jax.vjp(with_floats, raw, floats)
-            logits, vis = _logits(st, a, f, i, j, scores, partial, q_ids, kv_ids, real)
-            ds, dv_t = blockwise.logit_grads(
-                logits, vis, v_blk, do_blk, _rows(lse, i, st.bq), _rows(delta, i, st.bq)
-            )  # [bq, bk], [bk, d_v]
+            logits, vis = _logits(st, a, f, i, j, scores, partial, q_ids, kv_ids, real, True)  # [bk, bq]
+            shifted = logits - _rows(lse_safe, i, st.bq)[None, :]  # [bk, bq]
+            if vis is not None:
+                shifted = jnp.where(vis, shifted, -jnp.inf)  # mask before exp: no overflow when hidden
+            p = jnp.exp(shifted)  # [bk, bq]: Pᵀ
+            dv = dv + p @ _rows(d_out, i, st.bq)  # [bk, d_v]
+            ds = p * (v_blk @ dot_blk - _rows(delta, i, st.bq)[None, :])  # [bk, bq]: dSᵀ
+            if vis is not None:
+                ds = jnp.where(vis, ds, 0.0)  # a NaN delta (the row saw a NaN) stays off hidden keys
             if dbias_all is not None:
-                dbias_all = jax.lax.dynamic_update_slice(dbias_all, ds, (i * st.bq, j * st.bk))
-            d_raw, d_floats = score_vjp(ds)  # d_raw [bq, bk]: gradient of q kᵀ · scale
-            dq_blk = jnp.einsum("qk,kd->qd", d_raw, k_blk) * st.scale  # [bq, d_k]; scale on the small side
-            dq_all = jax.lax.dynamic_update_slice_in_dim(dq_all, _rows(dq_all, i, st.bq) + dq_blk, i * st.bq, axis=0)
-            dk = dk + jnp.einsum("qk,qd->kd", d_raw, q_blk)  # [bk, d_k]; q_blk carries the scale
+                dbias_all = jax.lax.dynamic_update_slice(dbias_all, ds.T, (i * st.bq, j * st.bk))
+            d_raw, d_floats = score_vjp(ds)  # [bk, bq]: gradient of (q kᵀ · scale)ᵀ
+            dk = dk + d_raw @ q_blk  # [bk, d_k]; q_blk carries the scale
+            dq_blk = (kt_blk @ d_raw) * st.scale  # [d_k, bq]; scale on the small side
+            dq_t = jax.lax.dynamic_update_slice_in_dim(dq_t, _cols(dq_t, i, st.bq) + dq_blk, i * st.bq, axis=1)
             dconsts = tuple(x + y for x, y in zip(dconsts, d_floats))
-            return dk, dv + dv_t, dq_all, dbias_all, dconsts
+            return dk, dv, dq_t, dbias_all, dconsts
 
         inner = (jnp.zeros_like(k_blk), jnp.zeros_like(v_blk)) + carry
         inner = jax.lax.fori_loop(0, r.q_num[j], functools.partial(step, indices=r.q_idx, partial=True), inner)
@@ -228,11 +265,11 @@ def _bwd(st: Static, res, cotangents):
 
     floats0 = tuple(jnp.zeros_like(c) for c, fl in zip(a.score_consts, is_float) if fl)
     dbias0 = None if a.bias is None else jnp.zeros_like(a.bias)
-    init = (jnp.zeros_like(a.q), dbias0, floats0)
-    (dq, dbias, dfloats), (dk, dv) = jax.lax.scan(kv_block, init, jnp.arange(nk, dtype=jnp.int32))
+    init = (jnp.zeros_like(q_t), dbias0, floats0)
+    (dq_t, dbias, dfloats), (dk, dv) = jax.lax.scan(kv_block, init, jnp.arange(nk, dtype=jnp.int32))
     it = iter(dfloats)
     grads = Inputs(
-        q=dq, k=dk.reshape(a.k.shape), v=dv.reshape(a.v.shape), mask=None, bias=dbias, b=None, h=None,
+        q=dq_t.T, k=dk.reshape(a.k.shape), v=dv.reshape(a.v.shape), mask=None, bias=dbias, b=None, h=None,
         score_consts=tuple(next(it) if fl else None for fl in is_float),
         mask_consts=tuple(None for _ in a.mask_consts),
     )

@@ -10,9 +10,10 @@ only translates the built-in features into its terms:
 - ``is_causal`` (both alignments), ``local_window_size``, lengths and segment ids become one
   ``mask_mod`` (``jattn.flex.mods``), ``logits_soft_cap`` the ``soft_cap`` score_mod;
 - static patterns (causal, window) get their ``BlockMask`` analytically (``static_block_flags``:
-  NumPy at trace time, no mask evaluation); data-dependent ones (lengths, segments) get it
-  from the jittable ``create_block_mask``, per batch row, so that under ``vmap`` the loops run
-  the largest count of visible blocks, never all blocks;
+  NumPy at trace time, no mask evaluation), and so do lengths (``length_block_flags``: the
+  same corner test per batch row, in JAX); segments get it from the jittable
+  ``create_block_mask``; data-dependent masks are per batch row, so that under ``vmap`` the
+  loops run the largest count of visible blocks, never all blocks;
 - the dense ``mask`` and ``bias`` arrays enter the loop tile by tile.
 
 Not supported here (``jattn.dispatch`` falls back to ``'xla'``): returned weights and dropout.
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.flex import convert, lift, mods
-from jattn.flex.block_mask import create_block_mask
+from jattn.flex.block_mask import block_arrays, create_block_mask
 from jattn.flex.kernel import Rows, Static
 
 # Measured on a 2-core CPU (fp32, N=8, H=64): 512-row query blocks cut the forward time by
@@ -42,27 +43,62 @@ def block_sizes_for(T: int, S: int, block_sizes: tuple[int, int] | None) -> tupl
     return min(bq, T), min(bk, S)
 
 
-def static_block_flags(T: int, S: int, bq: int, bk: int, is_causal: bool, offset: int,
-                       window: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """(partial, full) bool [nq, nk] of the causal/window pattern, from block corners alone.
+def _pattern_flags(r0, r1, c0, c1, is_causal: bool, offset: int, window: tuple[int, int] | None):
+    """(somewhere, everywhere): whether the causal/window pattern shows some / every key of the
+    tiles with rows r0..r1 and keys c0..c1 (broadcasting NumPy or JAX int arrays).
 
     Query row r sits at key position r + offset and sees key c iff ``lo <= c - r - offset <= up``
     (up = 0 when causal, the window's right size otherwise; lo = -left). Over a tile the
     difference takes every integer between its corner values, so a tile is visible somewhere
-    iff that range meets [lo, up], everywhere iff it lies inside (and it holds no padded key).
+    iff that range meets [lo, up], everywhere iff it lies inside.
     """
-    nq, nk = -(-T // bq), -(-S // bk)
-    r0 = np.arange(nq)[:, None] * bq  # [nq, 1]
-    r1 = np.minimum(r0 + bq, T) - 1  # last real row
-    c0 = np.arange(nk)[None, :] * bk  # [1, nk]
-    c1 = np.minimum(c0 + bk, S) - 1  # last real key
-    d_min, d_max = c0 - r1 - offset, c1 - r0 - offset  # [nq, nk]
+    d_min, d_max = c0 - r1 - offset, c1 - r0 - offset
     ups = ([0] if is_causal else []) + ([window[1]] if window is not None else [])
-    up = min(ups) if ups else np.inf
-    lo = -window[0] if window is not None else -np.inf
-    any_ = (d_min <= up) & (d_max >= lo)
-    full = any_ & (d_max <= up) & (d_min >= lo) & (c0 + bk <= S)
-    return any_ & ~full, full
+    some, every = d_min == d_min, d_min == d_min  # all True, broadcast like the corners
+    if ups:
+        some, every = some & (d_min <= min(ups)), every & (d_max <= min(ups))
+    if window is not None:
+        some, every = some & (d_max >= -window[0]), every & (d_min >= -window[0])
+    return some, every
+
+
+def _corners(T: int, S: int, bq: int, bk: int, xp):
+    """First/last real row [nq, 1] and key [1, nk] of every tile."""
+    r0 = xp.arange(-(-T // bq))[:, None] * bq  # [nq, 1]
+    c0 = xp.arange(-(-S // bk))[None, :] * bk  # [1, nk]
+    return r0, xp.minimum(r0 + bq, T) - 1, c0, xp.minimum(c0 + bk, S) - 1
+
+
+def static_block_flags(T: int, S: int, bq: int, bk: int, is_causal: bool, offset: int,
+                       window: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(partial, full) bool [nq, nk] of the causal/window pattern, from block corners alone
+    (NumPy at trace time); a tile holding a padded key is never full."""
+    r0, r1, c0, c1 = _corners(T, S, bq, bk, np)
+    some, every = _pattern_flags(r0, r1, c0, c1, is_causal, offset, window)
+    full = some & every & (c0 + bk <= S)
+    return some & ~full, full
+
+
+def length_block_flags(T: int, S: int, bq: int, bk: int, is_causal: bool, offset: int,
+                       window: tuple[int, int] | None, q_lengths, kv_lengths):
+    """(partial, full) bool [B, nq, nk] of the causal/window pattern and the lengths ``[B]``
+    (either may be None), from block corners (jittable: the lengths may be traced).
+
+    The visible part of a tile under the lengths is the tile clipped to rows ``< q_lengths[b]``
+    and keys ``< kv_lengths[b]``, a smaller rectangle, so the pattern's corner test applies
+    to the clipped corners; a tile is full only if no clipping happened.
+    """
+    r0, r1, c0, c1 = _corners(T, S, bq, bk, jnp)
+    n = next(x for x in (q_lengths, kv_lengths) if x is not None).shape[0]
+    q_len = jnp.full((n,), T) if q_lengths is None else jnp.asarray(q_lengths)
+    kv_len = jnp.full((n,), S) if kv_lengths is None else jnp.asarray(kv_lengths)
+    q_len, kv_len = q_len[:, None, None], kv_len[:, None, None]  # [B, 1, 1]
+    r1c, c1c = jnp.minimum(r1, q_len - 1), jnp.minimum(c1, kv_len - 1)  # [B, nq, 1], [B, 1, nk]
+    some, _ = _pattern_flags(r0, r1c, c0, c1c, is_causal, offset, window)
+    some = some & (r0 <= r1c) & (c0 <= c1c)  # [B, nq, nk]
+    _, every = _pattern_flags(r0, r1, c0, c1, is_causal, offset, window)
+    full = some & every & (r1 < q_len) & (c1 < kv_len) & (c0 + bk <= S)
+    return some & ~full, full
 
 
 def _counts_and_indices(flags: np.ndarray):
@@ -116,7 +152,11 @@ def chunked_call(config, a):
     mask_mod, data_dependent = builtin_mask_mod(
         config, T, S, a.q_lengths, a.kv_lengths, a.q_segment_ids, a.kv_segment_ids
     )
-    if data_dependent:
+    if data_dependent and a.q_segment_ids is None:  # lengths: block flags from tile corners
+        partial, full = length_block_flags(T, S, bq, bk, config.is_causal, config.offset, config.window,
+                                           a.q_lengths, a.kv_lengths)  # [B, nq, nk]
+        rows = Rows(*block_arrays(partial[:, None], full[:, None]))  # [B, 1, ...]
+    elif data_dependent:
         bm = create_block_mask(mask_mod, B, None, T, S, block_size=(bq, bk))  # [B, 1, ...]
         rows = Rows(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
                     bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
