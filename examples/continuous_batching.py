@@ -60,14 +60,24 @@ class TinyLM(nnx.Module):
         return self.embed.attend(x)  # [1, T, V]
 
 
-def generate_alone(model: TinyLM, prompt: list[int], num_new: int) -> list[int]:
-    """Greedy decoding of one request with the modules' fixed-size caches."""
+@nnx.jit
+def _forward(model: TinyLM, tokens):
+    return model(tokens)  # [1, T, V]; the caches are updated in place
+
+
+def generate_alone(model: TinyLM, prompt: list[int], num_new: int, capacity: int | None = None) -> list[int]:
+    """Greedy decoding of one request with the modules' fixed-size caches.
+
+    ``capacity``: cache positions (default ``len(prompt) + num_new``); one capacity for all
+    requests lets them share the compiled steps.
+    """
+    capacity = len(prompt) + num_new if capacity is None else capacity
     for block in model.blocks:
-        block.attn.init_cache((1, len(prompt) + num_new, model.embed.features))
-    logits = model(jnp.asarray([prompt]))
+        block.attn.init_cache((1, capacity, model.embed.features))
+    logits = _forward(model, jnp.asarray([prompt]))
     out = [int(jnp.argmax(logits[0, -1]))]
     while len(out) < num_new:
-        logits = model(jnp.asarray([[out[-1]]]))
+        logits = _forward(model, jnp.asarray([[out[-1]]]))
         out.append(int(jnp.argmax(logits[0, -1])))
     return out
 
@@ -171,7 +181,8 @@ def main():
     model = TinyLM(rngs=nnx.Rngs(0))
     requests = demo_requests()
     batched, steps, log = serve(model, requests)
-    alone = [generate_alone(model, prompt, n) for prompt, n in requests]
+    capacity = max(len(prompt) + n for prompt, n in requests)
+    alone = [generate_alone(model, prompt, n, capacity) for prompt, n in requests]
     for i, ((prompt, n), got, want) in enumerate(zip(requests, batched, alone)):
         print(f"request {i}: prompt {len(prompt)} tokens, {n} new: {got}  {'==' if got == want else '!='} alone")
     tokens = sum(n for _, n in requests)

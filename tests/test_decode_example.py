@@ -22,7 +22,8 @@ def test_continuous_batching_equals_one_at_a_time():
     model = ex.TinyLM(layers=1, rngs=nnx.Rngs(1))
     requests = ex.demo_requests(seed=3, count=4)
     batched, steps, log = ex.serve(model, requests, slots=2, num_pages=12, max_pages=4)
-    alone = [ex.generate_alone(model, prompt, n) for prompt, n in requests]
+    capacity = max(len(prompt) + n for prompt, n in requests)  # one cache size: shared compiles
+    alone = [ex.generate_alone(model, prompt, n, capacity) for prompt, n in requests]
     assert batched == alone
     assert [len(t) for t in batched] == [n for _, n in requests]
     # Slots were shared: fewer engine steps than tokens, and requests joined mid-flight.
