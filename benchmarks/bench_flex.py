@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import time
 
 import jax
@@ -390,6 +391,19 @@ def memory_only(window_Ts, mask_T, log):
 # ----------------------------------------------------------------------------------------
 
 
+def _commit() -> str:
+    """The measured tree: its git commit, '+dirty' if library files differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "jattn"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every T divided by 4, one round")
@@ -411,12 +425,14 @@ def main():
     rows = []
     started = time.time()
 
+    commit = _commit()
+
     def meta():
-        out = dict(jax=jax.__version__, platform=platform.platform(), processor=platform.processor(),
+        out = dict(commit=commit, jax=jax.__version__, platform=platform.platform(), processor=platform.processor(),
                    cpus=os.cpu_count(), N=N, H=H, B=1, dtype="float32", quick=args.quick, smoke=args.smoke,
                    rounds=rounds, slow_s=args.slow, cases=args.cases, peers_skipped=SKIPPED,
                    minutes=(time.time() - started) / 60, load_average=os.getloadavg(),
-                   note="shared 2-core machine (other jobs running); minimum over interleaved rounds")
+                   note="shared 2-core machine (other engineers' tests and benchmarks running); minimum over interleaved rounds")
         for name in ("torch", "tokamax"):
             try:
                 out[f"{name}_version"] = __import__(name).__version__
