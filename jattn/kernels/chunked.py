@@ -31,7 +31,10 @@ from jattn.flex.block_mask import block_arrays, create_block_mask
 from jattn.flex.kernel import Rows, Static
 
 # Measured on a 2-core CPU (fp32, N=8, H=64): 512-row query blocks cut the forward time by
-# 30-45% from T=1024 on; for shorter queries 256 rows keep the backward fastest.
+# 30-45% from T=1024 on; for shorter queries 256 rows keep the backward fastest. Re-measured
+# with the key-major backward (T=2048, process CPU time, min of 3): (512, 256) is the fastest
+# forward and ties (512, 128) for the fastest backward among (256, 128), (256, 256), (512, 128),
+# (512, 512), (1024, 256); at T=4096, (128, 128) tiles take 1.2x the CPU time of (512, 256).
 DEFAULT_BLOCK_KV = 256
 
 
