@@ -3,27 +3,14 @@
 Google-style docstring with ``Args:`` and ``Returns:`` (functions) or ``Attributes:`` /
 ``Args:`` (classes), so that mkdocstrings shows parameters and shapes the same way everywhere."""
 
-import importlib
 import inspect
 import pathlib
 import re
 
 import pytest
+from dotted_paths import resolve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _resolve(path: str):
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ModuleNotFoundError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(path)
 
 
 def _documented():
@@ -31,7 +18,7 @@ def _documented():
     found = {}
     for page in sorted((ROOT / "docs" / "api").glob("*.md")):
         for path in re.findall(r"^::: (\S+)", page.read_text(), flags=re.M):
-            obj = _resolve(path)
+            obj = resolve(path)
             if inspect.ismodule(obj):
                 names = getattr(obj, "__all__", None) or [n for n in vars(obj) if not n.startswith("_")]
                 for n in names:

@@ -16,6 +16,7 @@ import sys
 import zipfile
 
 import pytest
+from dotted_paths import resolve
 
 import jattn
 
@@ -226,22 +227,13 @@ def _documented_paths() -> dict[str, set[str]]:
 
 
 def _resolves(path: str) -> bool:
-    import importlib
-
     if "/" in path:
         return (ROOT / path).exists()
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ModuleNotFoundError:
-            continue
-        for attr in parts[i:]:
-            if not hasattr(obj, attr):
-                return False
-            obj = getattr(obj, attr)
-        return True
-    return False
+    try:
+        resolve(path)
+    except (ImportError, AttributeError):
+        return False
+    return True
 
 
 def test_documented_module_paths_import():
