@@ -13,6 +13,10 @@ rounds (min of the rounds; the machine is shared, so minima are the least noisy)
 - ``paged``: ``jattn.kernels.paged.paged_decode_attention`` over a pool with shuffled pages, lengths S.
 - ``jax.nn`` / ``jattn.dpa``: the general paths, which read the whole cache.
 
+Each path's process CPU time (all threads, min of the rounds) is recorded too:
+``cpu_fraction_of_sum`` (the sum's CPU time over the decode step's) compares the work each
+does per byte, which depends less on what else runs on the shared machine than wall time.
+
 Achieved bandwidth = K+V bytes the step needs / step time; ``fraction`` divides it by the
 sum's bandwidth. The general paths copy the whole cache each call, so from S = 32k on they
 are timed in the first two rounds only (they dominate the run time). The caches are filled
@@ -81,20 +85,22 @@ def _paged_pool(k, v, page_size: int, seed: int):
     )
 
 
-def _time_rounds(fns: dict, rounds: int, slow=(), slow_rounds: int = 2) -> dict:
+def _time_rounds(fns: dict, rounds: int, slow=(), slow_rounds: int = 2) -> tuple[dict, dict]:
     """Time warmed fns in interleaved rounds (the order rotates each round, so no fn always
-    follows the same one); min seconds each. The ``slow`` ones run in the first
-    ``slow_rounds`` rounds only."""
+    follows the same one); min wall seconds and min process CPU seconds (all threads) each.
+    The ``slow`` ones run in the first ``slow_rounds`` rounds only."""
     best = {name: float("inf") for name in fns}
+    cpu = dict(best)
     items = list(fns.items())
     for r in range(rounds):
         for name, f in items[r % len(items):] + items[:r % len(items)]:
             if name in slow and r >= slow_rounds:
                 continue
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             jax.block_until_ready(f())
             best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+    return best, cpu
 
 
 def run(dtype, S: int, rounds: int, seed: int = 0) -> dict:
@@ -133,7 +139,7 @@ def run(dtype, S: int, rounds: int, seed: int = 0) -> dict:
         np.testing.assert_allclose(np.asarray(fns[name](), np.float32), ref, atol=tol, rtol=tol)
     jax.block_until_ready((fns["sum"](), fns["ragged"]()))
     slow = ("jax.nn", "jattn.dpa") if S >= 32768 else ()
-    t = _time_rounds(fns, rounds, slow=slow)
+    t, cpu = _time_rounds(fns, rounds, slow=slow)
     per_position = K * 2 * H * itemsize
     cache_bytes = B * S * per_position
     bw = cache_bytes / t["sum"] / 1e9
@@ -141,6 +147,7 @@ def run(dtype, S: int, rounds: int, seed: int = 0) -> dict:
         "dtype": jnp.dtype(dtype).name, "S": S, "split_size": split,
         "cache_MiB": cache_bytes / 2**20, "read_bw_GBps": bw,
         "ms": {name: 1e3 * sec for name, sec in t.items()},
+        "cpu_ms": {name: 1e3 * sec for name, sec in cpu.items()},
         "decode_GBps": cache_bytes / t["decode"] / 1e9,
         "ragged_GBps": int(ragged.sum()) * per_position / t["ragged"] / 1e9,
         "paged_GBps": cache_bytes / t["paged"] / 1e9,
@@ -149,6 +156,7 @@ def run(dtype, S: int, rounds: int, seed: int = 0) -> dict:
         "peer_rounds": 2 if slow else rounds,
     }
     row["fraction_of_bw"] = row["decode_GBps"] / bw
+    row["cpu_fraction_of_sum"] = cpu["sum"] / cpu["decode"]  # CPU work per byte against the sum's
     row["ragged_over_full"] = t["ragged"] / t["decode"]
     row["paged_over_contiguous"] = t["paged"] / t["decode"]
     row["speedup_vs_jax_nn"] = t["jax.nn"] / t["decode"]
@@ -207,7 +215,7 @@ def main():
         if rows:
             _plot(rows, args.out.replace(".json", ".png"))
 
-    header = (f"{'dtype':>8} {'S':>6} {'bw GB/s':>8} {'decode ms':>9} {'GB/s':>6} {'frac':>5} "
+    header = (f"{'dtype':>8} {'S':>6} {'bw GB/s':>8} {'decode ms':>9} {'GB/s':>6} {'frac':>5} {'cpu frac':>8} "
               f"{'ragged/full':>11} {'paged/contig':>12} {'vs jax.nn':>9} {'vs jattn.dpa':>12}")
     print(f"B={B} N={N} K={K} H={H}, one new token; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs (shared with other jobs: timings are noisy)")
@@ -226,7 +234,8 @@ def main():
             r = run(dtype, S, rounds)
             rows.append(r)
             print(f"{name:>8} {S:>6} {r['read_bw_GBps']:>8.2f} {r['ms']['decode']:>9.1f} "
-                  f"{r['decode_GBps']:>6.2f} {r['fraction_of_bw']:>5.2f} {r['ragged_over_full']:>11.2f} "
+                  f"{r['decode_GBps']:>6.2f} {r['fraction_of_bw']:>5.2f} {r['cpu_fraction_of_sum']:>8.2f} "
+                  f"{r['ragged_over_full']:>11.2f} "
                   f"{r['paged_over_contiguous']:>12.2f} {r['speedup_vs_jax_nn']:>8.2f}x "
                   f"{r['speedup_vs_jattn_dpa']:>11.2f}x", flush=True)
             write()
