@@ -19,9 +19,14 @@ it can skip what a row does not need). This script times, in one run and interle
   the end), so that XLA CPU's thunk executor may run them on both cores at once;
 - ``idea 2: no loop, all splits batched``: every split at once as ``[B, J, c, K, H]`` products
   and sums, with no loop (nothing skipped: the full-length case only);
-- ``body: logits reduced over H (minor axis)``: the library's loop with the logits computed as
-  a product summed over the minor ``H`` axis instead of over ``H`` with the query rows padded
-  to 8 lanes as the minor axis.
+- ``body: logits reduced over H (minor axis)``: the same loop with the logits computed as a
+  product summed over the minor ``H`` axis of the split as it is;
+- ``body: lanes form``: the same loop with ``split_partial(form="lanes")`` (the split as it is,
+  the query rows padded to 8 lanes as the minor axis: the library's fp32 loop before it made
+  the split's copy head-major, and still its 16-bit form).
+
+The idea rows reuse the library's split loop (``split_partial`` in the form
+``decode_attention`` picks for the dtype, 256-position splits).
 
 Each row records the wall time and the process CPU time (all threads; less sensitive to other
 jobs on the machine than the wall time, and it shows the work a path does per byte); the
@@ -93,7 +98,7 @@ def split_loops(q, k, v, lengths, *, loops: str, body_fn=None):
     S = k.shape[1]
     c = D.default_split_size(S, K, H, R)
     static = D.Static(split_size=c, scale=H**-0.5, logits_soft_cap=None, window_left=None)
-    partial_fn = body_fn or D.split_partial
+    partial_fn = body_fn or functools.partial(D.split_partial, form=D.split_form(k.dtype))
     qg = D.group_queries(q, B, 1, K, R, H)  # [B, K, R, H]
     first, starts, ends, total = D.work_list(lengths, 1, static, -(-S // c))
 
@@ -168,6 +173,8 @@ def main():
         "idea 2: no loop, all splits batched": lambda q, k, v, n: no_loop(q, k, v),
         "body: logits reduced over H (minor axis)": functools.partial(split_loops, loops="one",
                                                                      body_fn=logits_h_minor),
+        "body: lanes form (the loop before the head-major copy)": functools.partial(
+            split_loops, loops="one", body_fn=functools.partial(D.split_partial, form="lanes")),
     }
     reference = np.asarray(decode(q, k, v, lengths)).reshape(B, K, R, H)
     for name, fn in variants.items():
@@ -193,7 +200,7 @@ def main():
         row = {"path": name, "ms": 1e3 * wall[name], "cpu_ms": 1e3 * cpu[name], "GB_per_s": gigabytes / wall[name],
                "fraction": wall["reference sum"] / wall[name], "cpu_fraction": cpu["reference sum"] / cpu[name]}
         rows.append(row)
-        print(f"{name:>45}: {row['ms']:8.1f} ms (cpu {row['cpu_ms']:7.1f})  {row['GB_per_s']:6.2f} GB/s  "
+        print(f"{name:>54}: {row['ms']:8.1f} ms (cpu {row['cpu_ms']:7.1f})  {row['GB_per_s']:6.2f} GB/s  "
               f"fraction {row['fraction']:.2f} (cpu {row['cpu_fraction']:.2f})", flush=True)
     facts = hlo_facts(decode, (q, k, v, lengths), B * S * K * H)
     print(f"decode_attention compiled: temp {facts['temp_MiB']:.1f} MiB, cache-sized ops: {facts['cache_sized_ops']}")
