@@ -159,20 +159,18 @@ def _logits(st: Static, a: Inputs, f: _Finite, i, j, scores, partial: bool, q_id
     return logits, functools.reduce(jnp.logical_and, parts) if parts else None
 
 
-def _forward(st: Static, a: Inputs, r: Rows):
-    nq = a.q.shape[0] // st.bq
-    d_v = a.v.shape[1]
-    f = _split(st, a)
-    k_t = f.k.T  # [d_k, Sp]: held transposed once, not per tile (see _bwd)
+def _forward(st: Static, a: Inputs, f: _Finite, r: Rows):
+    nq = f.q.shape[0] // st.bq
+    d_v = f.v.shape[1]
 
     def q_block(i):
         q_blk = _rows(f.q, i, st.bq)  # [bq, d_k]
 
         def step(n, carry, indices, partial):
             j = indices[i, n]
-            kt_blk, v_blk = _cols(k_t, j, st.bk), _rows(f.v, j, st.bk)  # [d_k, bk], [bk, d_v]
+            k_blk, v_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk)  # [bk, d_k], [bk, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, False)
-            raw = q_blk @ kt_blk  # [bq, bk]: q kᵀ · scale
+            raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
             scores = _score_fn(st, a, q_ids, kv_ids, False)(raw, a.score_consts)
             logits, vis = _logits(st, a, f, i, j, scores, partial, q_ids, kv_ids, real, False)
             k_bad = _rows(f.k_bad, j, st.bk)  # [bk]
@@ -200,35 +198,36 @@ def _forward(st: Static, a: Inputs, r: Rows):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def flex_head(st: Static, a: Inputs, r: Rows):
     """(out [Tp, d_v], lse [Tp]) of one head; differentiable in q, k, v, bias and the score consts."""
-    return _forward(st, a, r)
+    return _forward(st, a, _split(st, a), r)
 
 
 def _fwd(st: Static, a: Inputs, r: Rows):
-    out, lse = _forward(st, a, r)
-    return (out, lse), (a, r, out, lse)
+    f = _split(st, a)
+    out, lse = _forward(st, a, f, r)
+    # The split (zeroed, scaled) q, k, v are kept for the backward: no second pass over them.
+    return (out, lse), (a._replace(q=None, k=None, v=None), f, r, out, lse)
 
 
 def _bwd(st: Static, res, cotangents):
     """FlashAttention-2 backward on key-major tiles [bk, bq]: with q, k and dO also held
     transposed, each of the four tile matmuls is a plain [m, k] @ [k, n] (module docstring)."""
-    a, r, out, lse = res
+    a, f, r, out, lse = res
     d_out, d_lse = cotangents  # [Tp, d_v], [Tp]
-    nk = a.k.shape[0] // st.bk
-    f = _split(st, a)
+    nk = f.k.shape[0] // st.bk
     delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp]; the lse cotangent folds into delta
     lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [Tp]; rows that saw nothing get P = 0
-    q_t, k_t, do_t = f.q.T, f.k.T, d_out.T  # [d_k, Tp], [d_k, Sp], [d_v, Tp]
     is_float = [jnp.issubdtype(c.dtype, jnp.inexact) for c in a.score_consts]
 
     def kv_block(carry, j):
-        k_blk, v_blk, kt_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk), _cols(k_t, j, st.bk)  # [bk, d], [d_k, bk]
+        k_blk, v_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk)  # [bk, d_k], [bk, d_v]
+        kt_blk = k_blk.T  # [d_k, bk]: once per key block, for dQᵀ += Kᵀ dSᵀ
 
         def step(n, inner, indices, partial):
             dk, dv, dq_t, dbias_all, dconsts = inner
             i = indices[j, n]
-            q_blk, qt_blk, dot_blk = _rows(f.q, i, st.bq), _cols(q_t, i, st.bq), _cols(do_t, i, st.bq)
+            q_blk, do_blk = _rows(f.q, i, st.bq), _rows(d_out, i, st.bq)  # [bq, d_k], [bq, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, True)
-            raw = k_blk @ qt_blk  # [bk, bq]: (q kᵀ · scale)ᵀ
+            raw = jnp.einsum("kd,qd->kq", k_blk, q_blk)  # [bk, bq]: (q kᵀ · scale)ᵀ
             score = _score_fn(st, a, q_ids, kv_ids, True)
             floats = tuple(c for c, fl in zip(a.score_consts, is_float) if fl)
 
@@ -242,8 +241,9 @@ def _bwd(st: Static, res, cotangents):
             if vis is not None:
                 shifted = jnp.where(vis, shifted, -jnp.inf)  # mask before exp: no overflow when hidden
             p = jnp.exp(shifted)  # [bk, bq]: Pᵀ
-            dv = dv + p @ _rows(d_out, i, st.bq)  # [bk, d_v]
-            ds = p * (v_blk @ dot_blk - _rows(delta, i, st.bq)[None, :])  # [bk, bq]: dSᵀ
+            dv = dv + p @ do_blk  # [bk, d_v]
+            dp = jnp.einsum("kd,qd->kq", v_blk, do_blk)  # [bk, bq]: dPᵀ
+            ds = p * (dp - _rows(delta, i, st.bq)[None, :])  # [bk, bq]: dSᵀ
             if vis is not None:
                 ds = jnp.where(vis, ds, 0.0)  # a NaN delta (the row saw a NaN) stays off hidden keys
             if dbias_all is not None:
@@ -265,11 +265,11 @@ def _bwd(st: Static, res, cotangents):
 
     floats0 = tuple(jnp.zeros_like(c) for c, fl in zip(a.score_consts, is_float) if fl)
     dbias0 = None if a.bias is None else jnp.zeros_like(a.bias)
-    init = (jnp.zeros_like(q_t), dbias0, floats0)
+    init = (jnp.zeros_like(f.q.T), dbias0, floats0)  # dQᵀ [d_k, Tp]
     (dq_t, dbias, dfloats), (dk, dv) = jax.lax.scan(kv_block, init, jnp.arange(nk, dtype=jnp.int32))
     it = iter(dfloats)
     grads = Inputs(
-        q=dq_t.T, k=dk.reshape(a.k.shape), v=dv.reshape(a.v.shape), mask=None, bias=dbias, b=None, h=None,
+        q=dq_t.T, k=dk.reshape(f.k.shape), v=dv.reshape(f.v.shape), mask=None, bias=dbias, b=None, h=None,
         score_consts=tuple(next(it) if fl else None for fl in is_float),
         mask_consts=tuple(None for _ in a.mask_consts),
     )
