@@ -3,9 +3,9 @@
 Shape glossary: B batch (1), T query length (= S), N heads (8), H head dim (64).
 
 Every timing is CPU, fp32, jitted (torch: eager), forward and forward+backward (gradients of
-q, k, v). Every ratio compares calls timed in the same run, in interleaved rounds (each round
-calls every contender once, in turn), minimum over rounds; a call slower than ``--slow`` seconds
-is timed in one round only. Peers are optional (``pip install -e '.[bench]'``): a missing one
+q, k, v for a fixed cotangent built once outside the timed call). Every ratio compares calls
+timed in the same run, in interleaved rounds (each round calls every contender once, in turn),
+minimum over rounds; a call slower than ``--slow`` seconds is timed in one round only. Peers are optional (``pip install -e '.[bench]'``): a missing one
 is skipped with the reason printed.
 
 - ``speed``: no mask, T = 512 .. 8192: jattn's default (``dot_product_attention``), ``flex_attention``
@@ -20,7 +20,8 @@ is skipped with the reason printed.
 - ``causal``: ``mask_mod=causal`` vs ``dot_product_attention(is_causal=True, implementation='chunked')``
   at T=4096, same tiles; torch (is_causal) and tokamax (causal mask_mod) columns.
 - ``alibi``: ALiBi ``score_mod`` vs no mod at T=4096 (non-causal); tokamax with the same score_mod.
-- ``window``: sliding window 256 (causal) at T=16384 and 32768: time and compiled temp memory.
+- ``window``: sliding window 256 (causal) at T=16384 and 32768: time (both lengths in the same
+  interleaved rounds, ``--window-rounds``; minimum and median) and compiled temp memory.
 - ``memory``: compiled fwd+bwd temp memory with the document mask at T=16384 (compile only).
 - ``create_block_mask``: T=S=65536, block 128, document mask: time and compiled temp memory.
 
@@ -139,13 +140,29 @@ def _inputs(T, seed=0):
     return tuple(jax.random.normal(x, (1, T, N, H), jnp.float32) for x in (kq, kk, kv))
 
 
-def _fwd_bwd(f):
-    """jit of the q, k, v gradients of sum(f(q, k, v) * w) with a fixed cotangent w."""
-    def loss(q, k, v):
-        out = f(q, k, v)
-        return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=out.dtype).reshape(out.shape)))
+class _fwd_bwd:  # noqa: N801 (used like the function it replaces)
+    """The jitted q, k, v gradients of sum(f(q, k, v) * w), called as fn(q, k, v).
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    The cotangent w is fixed and built once per shape outside the timed calls, as torch's is
+    (``_TorchSDPA``): computed inside the jitted step it added an O(T) cos pass (tens of ms at
+    T = 8192) to every jax fwd+bwd timing.
+    """
+
+    def __init__(self, f):
+        self.grad = jax.jit(jax.grad(lambda q, k, v, w: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2)))
+        self.w = {}
+
+    def _w(self, q, v):
+        shape = q.shape[:-1] + v.shape[-1:]  # out [B, T, N, Hv]
+        if shape not in self.w:
+            self.w[shape] = jnp.cos(jnp.arange(np.prod(shape), dtype=q.dtype).reshape(shape))
+        return self.w[shape]
+
+    def __call__(self, q, k, v):
+        return self.grad(q, k, v, self._w(q, v))
+
+    def temp_mib(self, q, k, v) -> float:
+        return self.grad.lower(q, k, v, self._w(q, v)).compile().memory_analysis().temp_size_in_bytes / MiB
 
 
 def _time_rounds(fns: dict, args, rounds: int, slow: float) -> dict:
@@ -189,6 +206,8 @@ def _timed_with_matmul(fns: dict, args, flops: float, rounds: int, slow: float) 
 
 
 def _temp_mib(f, *args) -> float:
+    if isinstance(f, _fwd_bwd):
+        return f.temp_mib(*args)
     return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes / MiB
 
 
@@ -259,13 +278,17 @@ def documents(T, rounds, slow, log):
     tok = _tokamax(mask=lambda qi, ki: (ids[qi] == ids[ki]) & (ki <= qi))
     if tok is not None:
         contenders["tokamax"] = tok
-    fwd = _ms(_time_rounds({n: jax.jit(f) for n, f in contenders.items()}, (q, k, v), rounds, slow))
-    bwd = _ms(_time_rounds({n: _fwd_bwd(f) for n, f in contenders.items()}, (q, k, v), rounds, slow))
-    # Time per visited tile against the built-in non-causal 'chunked' at T/2 with the same tiles.
+    # Time per visited tile against the built-in non-causal 'chunked' at T/2 with the same tiles,
+    # timed in the same interleaved rounds as flex (its inputs bound here: it ignores the args).
     Tc = T // 2
     qc, kc, vc = _inputs(Tc)
     full = lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="chunked", block_sizes=(block, block))
-    per = _ms(_time_rounds({"chunked": jax.jit(full), "chunked_bwd": _fwd_bwd(full)}, (qc, kc, vc), rounds, slow))
+    per_fwd, per_bwd = jax.jit(full), _fwd_bwd(full)
+    fwd = _ms(_time_rounds({**{n: jax.jit(f) for n, f in contenders.items()},
+                            "chunked": lambda *_: per_fwd(qc, kc, vc)}, (q, k, v), rounds, slow))
+    bwd = _ms(_time_rounds({**{n: _fwd_bwd(f) for n, f in contenders.items()},
+                            "chunked": lambda *_: per_bwd(qc, kc, vc)}, (q, k, v), rounds, slow))
+    per = {"chunked": fwd["chunked"], "chunked_bwd": bwd["chunked"]}
     tiles_c = (Tc // block) ** 2
     row = dict(case="documents", T=T, docs=docs, block=block, visited_tiles=visited, total_tiles=(T // block) ** 2,
                fwd_ms=fwd["flex"], fwd_bwd_ms=bwd["flex"],
@@ -279,6 +302,14 @@ def documents(T, rounds, slow, log):
         if name not in ("flex", "no_tiles"):
             row.update({f"{name}_fwd_ms": fwd[name], f"{name}_fwd_bwd_ms": bwd[name],
                         f"{name}_fwd_speedup": fwd[name] / fwd["flex"], f"{name}_fwd_bwd_speedup": bwd[name] / bwd["flex"]})
+    row["per_tile_definition"] = (
+        "us_per_tile = the whole flex call's time / visited_tiles (a tile = one [block, block] tile of each of "
+        "the N heads), everything the call does included; chunked_us_per_tile = the whole non-causal "
+        "'chunked' call's time at chunked_T with the same tiles / its (chunked_T/block)^2 tiles; "
+        "per_tile_ratio_* = their quotient (the issue's target); both calls timed in the same interleaved "
+        "rounds, minimum. net_*: the flex call's time minus that of the same call visiting no tile "
+        "(no_tiles_*), per visited tile, over the same chunked figure (which keeps its own per-call cost): "
+        "diagnosis only")
     row["per_tile_ratio_fwd"] = row["us_per_tile_fwd"] / row["chunked_us_per_tile_fwd"]
     row["per_tile_ratio_fwd_bwd"] = row["us_per_tile_fwd_bwd"] / row["chunked_us_per_tile_fwd_bwd"]
     for mode in ("fwd", "fwd_bwd"):  # the tiles alone: without the per-call cost of a T = 8192 call
@@ -330,21 +361,42 @@ def alibi(T, rounds, slow, log):
     log(_versus("alibi", T, contenders, "none", 4.0 * N * T * T * H, rounds, slow, block=list(bm.block_size)))
 
 
-def window(Ts, rounds, slow, log):
+def window(Ts, rounds, log):
+    """Both lengths timed in the same interleaved rounds (each round: every T's fwd, then every
+    T's fwd+bwd), so that a burst of load on the shared machine hits both sides of the ratio;
+    the ratios are of the minimum and of the median over the rounds."""
     mask_mod = mods.sliding_window(256)
-    rows = []
+    calls, temps = {}, {}
     for T in Ts:
-        q, k, v = _inputs(T)
+        args = _inputs(T)
         bm = jattn.create_block_mask(mask_mod, None, None, T, T, block_size=128)
         flex = lambda q, k, v, bm=bm: jattn.flex_attention(q, k, v, block_mask=bm)
-        fwd = _time_rounds({"flex": jax.jit(flex)}, (q, k, v), rounds, slow)["flex"]
-        bwd = _time_rounds({"flex": _fwd_bwd(flex)}, (q, k, v), rounds, slow)["flex"]
-        temp = _temp_mib(_fwd_bwd(flex), q, k, v)
-        rows.append(dict(case="window", T=T, window=256, block=128, fwd_ms=fwd * 1e3, fwd_bwd_ms=bwd * 1e3,
-                         fwd_bwd_temp_mib=temp, tokamax="skipped: dense [N, T, T] logits at this T"))
+        fwd, fwd_bwd = jax.jit(flex), _fwd_bwd(flex)
+        calls[("fwd", T)] = lambda f=fwd, a=args: f(*a)
+        calls[("fwd_bwd", T)] = lambda f=fwd_bwd, a=args: f(*a)
+        temps[T] = _temp_mib(fwd_bwd, *args)
+    for f in calls.values():
+        jax.block_until_ready(f())  # compile / warm up
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, f in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f())
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    for T in Ts:
+        row = dict(case="window", T=T, window=256, block=128, rounds=rounds,
+                   timing="interleaved rounds over both T; *_ms = minimum, *_median_ms = median",
+                   fwd_bwd_temp_mib=temps[T], tokamax="skipped: dense [N, T, T] logits at this T")
+        for mode in ("fwd", "fwd_bwd"):
+            row[f"{mode}_ms"] = min(times[(mode, T)]) * 1e3
+            row[f"{mode}_median_ms"] = float(np.median(times[(mode, T)])) * 1e3
+            row[f"{mode}_all_ms"] = [t * 1e3 for t in times[(mode, T)]]
+        rows.append(row)
     for a, b in zip(rows, rows[1:]):
-        b["fwd_vs_half_T"] = b["fwd_ms"] / a["fwd_ms"]
-        b["fwd_bwd_vs_half_T"] = b["fwd_bwd_ms"] / a["fwd_bwd_ms"]
+        for mode in ("fwd", "fwd_bwd"):
+            b[f"{mode}_vs_half_T"] = b[f"{mode}_ms"] / a[f"{mode}_ms"]
+            b[f"{mode}_median_vs_half_T"] = b[f"{mode}_median_ms"] / a[f"{mode}_median_ms"]
         b["temp_vs_half_T"] = b["fwd_bwd_temp_mib"] / a["fwd_bwd_temp_mib"]
     for r in rows:
         log(r)
@@ -424,6 +476,8 @@ def main():
                         help="in this order (the issue's targets are T >= 2048); the table sorts them")
     parser.add_argument("--max-dense", type=int, default=4096,
                         help="speed: skip the dense [N, T, T] peers (jax.nn, tokamax) above this T")
+    parser.add_argument("--window-rounds", type=int, default=5,
+                        help="window: interleaved rounds over both lengths (minimum and median reported)")
     parser.add_argument("--memory-only", action="store_true",
                         help="compile-only temp memory (no timing: safe to run beside other jobs)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "flex_cpu.json"))
@@ -472,7 +526,7 @@ def main():
         if "speed" in run:
             speed([T // div for T in args.speed_lengths], rounds, args.slow, args.max_dense // div, log)
         if "window" in run:
-            window([16384 // div, 32768 // div], rounds, args.slow, log)
+            window([16384 // div, 32768 // div], max(rounds, args.window_rounds) if div == 1 else rounds, log)
         if "memory" in run:
             memory(16384 // div, log)
     print("\n" + table(rows))
@@ -530,8 +584,9 @@ def table(rows) -> str:
         elif r["case"] == "window":
             out.append(f"window 256, T={r['T']}: fwd {r['fwd_ms']:.0f} ms, fwd+bwd {r['fwd_bwd_ms']:.0f} ms, "
                        f"fwd+bwd temp {r['fwd_bwd_temp_mib']:.1f} MiB"
-                       + (f" ({r['fwd_vs_half_T']:.2f}x / {r['fwd_bwd_vs_half_T']:.2f}x / {r['temp_vs_half_T']:.2f}x T/2)"
-                          if "fwd_vs_half_T" in r else ""))
+                       + (f" ({r['fwd_vs_half_T']:.2f}x / {r['fwd_bwd_vs_half_T']:.2f}x / {r['temp_vs_half_T']:.2f}x T/2; "
+                          f"medians {r['fwd_median_vs_half_T']:.2f}x / {r['fwd_bwd_median_vs_half_T']:.2f}x)"
+                          if "fwd_median_vs_half_T" in r else ""))
         elif r["case"] == "memory":
             out.append(f"documents fwd+bwd temp at T={r['T']}: {r['fwd_bwd_temp_mib']:.1f} MiB "
                        f"(one fp32 [N, T, S] array: {r['dense_TxS_fp32_mib']:.0f} MiB)")
