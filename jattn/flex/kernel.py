@@ -163,6 +163,11 @@ def _forward(st: Static, a: Inputs, f: _Finite, r: Rows):
     nq = f.q.shape[0] // st.bq
     d_v = f.v.shape[1]
 
+    nk = f.k.shape[0] // st.bk
+    # Where every row sees every key of a tile, one flag per key block says whether a row sees
+    # a non-finite key / value: no per-tile reduction over the rows' flags.
+    k_blk_bad, v_blk_bad = (jnp.any(x.reshape(nk, st.bk), axis=-1) for x in (f.k_bad, f.v_bad))  # [nk]
+
     def q_block(i):
         q_blk = _rows(f.q, i, st.bq)  # [bq, d_k]
 
@@ -173,13 +178,12 @@ def _forward(st: Static, a: Inputs, f: _Finite, r: Rows):
             raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
             scores = _score_fn(st, a, q_ids, kv_ids, False)(raw, a.score_consts)
             logits, vis = _logits(st, a, f, i, j, scores, partial, q_ids, kv_ids, real, False)
-            k_bad = _rows(f.k_bad, j, st.bk)  # [bk]
-            if vis is not None:  # NaN columns, in the pass that applies vis: hidden ones stay hidden
-                logits = logits + _finite.nan_at(k_bad, logits.dtype)[None, :]  # [bq, bk]
-            m, l, acc = blockwise.fold(carry, logits, vis, v_blk, _rows(f.v_bad, j, st.bk))
             if vis is None:  # every row sees every key: a NaN sum (so lse) where a key is bad
-                l = l + _finite.nan_at(jnp.any(k_bad), l.dtype)
-            return m, l, acc
+                m, l, acc = blockwise.fold(carry, logits, None, v_blk, v_blk_bad[j][None])
+                return m, l + _finite.nan_at(k_blk_bad[j], l.dtype), acc
+            # NaN columns, in the pass that applies vis: hidden ones stay hidden
+            logits = logits + _finite.nan_at(_rows(f.k_bad, j, st.bk), logits.dtype)[None, :]  # [bq, bk]
+            return blockwise.fold(carry, logits, vis, v_blk, _rows(f.v_bad, j, st.bk))
 
         carry = blockwise.init_carry_like(q_blk, d_v)
         carry = jax.lax.fori_loop(0, r.kv_num[i], functools.partial(step, indices=r.kv_idx, partial=True), carry)
