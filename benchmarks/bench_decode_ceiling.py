@@ -21,12 +21,11 @@ it can skip what a row does not need). This script times, in one run and interle
   and sums, with no loop (nothing skipped: the full-length case only);
 - ``body: logits reduced over H (minor axis)``: the same loop with the logits computed as a
   product summed over the minor ``H`` axis of the split as it is;
-- ``body: lanes form``: the same loop with ``split_partial(form="lanes")`` (the split as it is,
-  the query rows padded to 8 lanes as the minor axis: the library's fp32 loop before it made
-  the split's copy head-major, and still its 16-bit form).
+- ``body: head-major split copy, batched dots``: the same loop with each split copied as
+  ``[K, c, H]`` (the transpose fused into the copy XLA makes anyway) and the logits and
+  weighted values as batched matrix products with the kv heads as the batch axis.
 
-The idea rows reuse the library's split loop (``split_partial`` in the form
-``decode_attention`` picks for the dtype, 256-position splits).
+The idea rows reuse the library's split loop (``split_partial``, 256-position splits).
 
 Each row records the wall time and the process CPU time (all threads; less sensitive to other
 jobs on the machine than the wall time, and it shows the work a path does per byte); the
@@ -89,6 +88,21 @@ def logits_h_minor(q, k, v, pos, first, length, Tq, static):
     return D.Partial(m, jnp.sum(p, axis=0), jnp.sum(p[..., None] * v[:, :, None, :], axis=0))
 
 
+def head_major(q, k, v, pos, first, length, Tq, static):
+    """``D.split_partial`` on the split copied head-major ``[K, c, H]`` (XLA fuses the transpose
+    into the split's copy), logits and weighted values as batched dots over the kv heads."""
+    G = q.shape[1] // Tq
+    key_ok = (pos >= first) & (pos < length)  # [c]
+    kt = jnp.transpose(k, (1, 0, 2))  # [K, c, H]
+    vt = jnp.transpose(jnp.where(key_ok[:, None, None], v, 0.0), (1, 0, 2))  # [K, c, H]
+    s = jnp.einsum("kch,krh->krc", kt, q * static.scale)  # [K, R, c]
+    q_pos = length - Tq + jnp.arange(q.shape[1]) // G  # [R]
+    s = jnp.where((key_ok[None, :] & (pos[None, :] <= q_pos[:, None]))[None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1)  # [K, R]
+    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[..., None])  # [K, R, c]
+    return D.Partial(m, jnp.sum(p, axis=-1), jnp.einsum("krc,kch->krh", p, vt))
+
+
 def split_loops(q, k, v, lengths, *, loops: str, body_fn=None):
     """The library's split loop (256-position splits), as one or several independent loops.
 
@@ -98,7 +112,7 @@ def split_loops(q, k, v, lengths, *, loops: str, body_fn=None):
     S = k.shape[1]
     c = D.default_split_size(S, K, H, R)
     static = D.Static(split_size=c, scale=H**-0.5, logits_soft_cap=None, window_left=None)
-    partial_fn = body_fn or functools.partial(D.split_partial, form=D.split_form(k.dtype))
+    partial_fn = body_fn or D.split_partial
     qg = D.group_queries(q, B, 1, K, R, H)  # [B, K, R, H]
     first, starts, ends, total = D.work_list(lengths, 1, static, -(-S // c))
 
@@ -173,8 +187,8 @@ def main():
         "idea 2: no loop, all splits batched": lambda q, k, v, n: no_loop(q, k, v),
         "body: logits reduced over H (minor axis)": functools.partial(split_loops, loops="one",
                                                                      body_fn=logits_h_minor),
-        "body: lanes form (the loop before the head-major copy)": functools.partial(
-            split_loops, loops="one", body_fn=functools.partial(D.split_partial, form="lanes")),
+        "body: head-major split copy, batched dots": functools.partial(split_loops, loops="one",
+                                                                      body_fn=head_major),
     }
     reference = np.asarray(decode(q, k, v, lengths)).reshape(B, K, R, H)
     for name, fn in variants.items():

@@ -76,28 +76,6 @@ def test_local_window_and_soft_cap(window):
     np.testing.assert_allclose(np.asarray(out[0]), np.asarray(other), atol=2e-5, rtol=2e-5)
 
 
-def test_split_forms_agree_on_a_split_with_hidden_and_unwritten_keys():
-    # One split of 7 positions starting at 5 (a clamped last split owns positions >= 7), Tq=2
-    # queries of G=3 heads per kv head, a window and a soft cap; unwritten slots hold NaN.
-    # "heads" (fp32/float64 loops), "lanes" (16-bit loops) and "dots" (one-split path) must
-    # give the same partial, with NaN kept out.
-    rng = np.random.default_rng(11)
-    K, R, H, Hv, c = 2, 6, 5, 3, 7
-    q = jnp.asarray(rng.standard_normal((K, R, H)), jnp.float32)
-    k = rng.standard_normal((c, K, H)).astype(np.float32)
-    v = rng.standard_normal((c, K, Hv)).astype(np.float32)
-    k[-2:], v[-2:] = np.nan, np.nan  # positions 10, 11: at or past the length 10
-    pos = jnp.arange(5, 5 + c)
-    static = decode_lib.Static(split_size=c, scale=0.4, logits_soft_cap=3.0, window_left=2)
-    parts = {form: decode_lib.split_partial(q, jnp.asarray(k), jnp.asarray(v), pos, 7, 10, 2, static, form=form)
-             for form in ("heads", "lanes", "dots")}
-    for form in ("lanes", "dots"):
-        for got, want in zip(parts[form], parts["heads"]):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=form)
-    assert np.isfinite(np.asarray(parts["heads"].o)).all() and float(parts["heads"].l.min()) > 0
-    assert decode_lib.split_form(jnp.float32) == "heads" and decode_lib.split_form(jnp.bfloat16) == "lanes"
-
-
 def test_window_skips_splits_and_lengths_bound_the_work():
     static = decode_lib.Static(split_size=4, scale=1.0, logits_soft_cap=None, window_left=None)
     lengths = jnp.array([0, 16, 5, 1], jnp.int32)

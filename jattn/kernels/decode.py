@@ -55,7 +55,7 @@ class Partial(NamedTuple):
     o: jax.Array  # [K, R, Hv] sum of exp(logit - m) · value
 
 
-def split_partial(q, k, v, pos, first, length, Tq: int, static: Static, form: str = "lanes") -> Partial:
+def split_partial(q, k, v, pos, first, length, Tq: int, static: Static, dots: bool = False) -> Partial:
     """Softmax partial of one split for one batch row (all its query rows and kv heads).
 
     Args:
@@ -65,12 +65,9 @@ def split_partial(q, k, v, pos, first, length, Tq: int, static: Static, form: st
       first: scalar; keys before it belong to another split (a clamped last split).
       length: scalar; keys at ``>= length`` are not written yet.
       Tq: query tokens; token ``t`` sits at position ``length - Tq + t``.
-      form: how the logits and weighted values are computed (``split_form``):
-        ``"lanes"``: products and sums in the split's own layout, the query rows padded to 8
-        vector lanes; ``"heads"``: the split turned head-major ``[K, c, H]`` (XLA CPU does
-        that while it copies the split out of the cache) and batched matrix products with the
-        kv heads as the leading batch axis; ``"dots"``: batched matrix products on the split
-        as it is (XLA CPU transposes it first: worth it for a whole small cache, ``_decode``).
+      dots: logits and weighted values as matrix products (XLA CPU transposes the split for
+        them: worth it for a whole small cache, see ``_decode``), else as products and sums in
+        the split's own layout.
 
     Returns:
       Partial with m, l [K, R] and o [K, R, Hv] in fp32 (float64 for float64 inputs).
@@ -78,17 +75,11 @@ def split_partial(q, k, v, pos, first, length, Tq: int, static: Static, form: st
     K, R, _ = q.shape
     G = R // Tq
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    # "lanes": logits as a product and a sum over H with the query rows as the minor axis,
-    # padded to a multiple of 8 (a full vector of fp32 lanes): one vectorised pass over the
-    # split in its [c, K, H] layout, with no transpose. "heads" moves the copy's reads into a
-    # head-major layout instead, so the products become plain batched matrix products; per-head
-    # dots on the [c, K, H] split would copy each strided [c, H] slice
-    # (benchmarks/bench_decode_ceiling.py).
-    if form == "heads":
-        kt = jnp.transpose(k, (1, 0, 2)).astype(acc)  # [K, c, H]
-        s = jnp.einsum("kch,krh->krc", kt, q.astype(acc) * static.scale)  # [K, R, c]
-        s = jnp.transpose(s, (2, 0, 1))  # [c, K, R]
-    elif form == "dots":
+    # Logits as a product and a sum over H with the query rows as the minor axis, padded to a
+    # multiple of 8 (a full vector of fp32 lanes): XLA CPU then runs one vectorised pass over
+    # the split in its [c, K, H] layout. A dot_general would transpose the split to [K, c, H]
+    # first, and per-head dots copy each strided [c, H] slice (benchmarks/bench_decode.py).
+    if dots:
         s = jnp.einsum("ckh,krh->ckr", k.astype(acc), q.astype(acc) * static.scale)  # [c, K, R]
     else:
         R8 = -(-R // 8) * 8
@@ -106,22 +97,11 @@ def split_partial(q, k, v, pos, first, length, Tq: int, static: Static, form: st
     p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[None])  # [c, K, R]; hidden -> 0
     # Unwritten slots may hold anything (NaN included): zero them, 0 · NaN would leak.
     v = jnp.where(key_ok[:, None, None], v, jnp.zeros((), v.dtype))  # [c, K, Hv]
-    if form == "heads":
-        vt = jnp.transpose(v, (1, 0, 2)).astype(acc)  # [K, c, Hv]
-        o = jnp.einsum("krc,kch->krh", jnp.transpose(p, (1, 2, 0)), vt)  # [K, R, Hv]
-    elif form == "dots":
+    if dots:
         o = jnp.einsum("ckr,ckh->krh", p, v.astype(acc))  # [K, R, Hv]
     else:
         o = jnp.sum(p[..., None] * v[:, :, None, :].astype(acc), axis=0)  # [K, R, Hv]
     return Partial(m, jnp.sum(p, axis=0), o)
-
-
-def split_form(dtype) -> str:
-    """``split_partial``'s form for a split loop over a cache of ``dtype``: "heads" for fp32
-    and float64 (about 10 % less CPU time per step than "lanes" at B=8, K=8, H=128, G=4 in
-    ``benchmarks/bench_decode_ceiling.py``), "lanes" for 16-bit caches (there the head-major
-    copy also widens the split to fp32, which cost more than it saved)."""
-    return "heads" if jnp.dtype(dtype).itemsize >= 4 else "lanes"
 
 
 def merge(a: Partial, b: Partial) -> Partial:
@@ -187,7 +167,7 @@ def run_splits(q, lengths, caches, fetch: Callable, Tq: int, Hv: int, static: St
         b = jnp.searchsorted(ends, i, side="right")  # work item i is split j of row b
         j = first[b] + i - starts[b]
         k, v, pos, lo = fetch(caches, b, j)
-        part = split_partial(q[b], k, v, pos, lo, lengths[b], Tq, static, form=split_form(k.dtype))
+        part = split_partial(q[b], k, v, pos, lo, lengths[b], Tq, static)
         new = merge(jax.tree.map(lambda x: x[b], state), part)
         state = jax.tree.map(lambda x, y: x.at[b].set(y), state, new)
         # The caches go round the loop behind a barrier: XLA then cannot treat them as loop
@@ -257,7 +237,7 @@ def _decode(q, key_cache, value_cache, lengths, *, static: Static, num_splits: i
         # One split holds the whole cache: nothing to skip, so no loop; all rows at once, as
         # batched matrix products (for a cache this small they beat the products and sums of
         # the loop, 2-5x at G=1 and small H: benchmarks/bench_toy_decode.py).
-        one = jax.vmap(lambda q, k, v, n: split_partial(q, k, v, jnp.arange(S), 0, n, Tq, static, form="dots"))
+        one = jax.vmap(lambda q, k, v, n: split_partial(q, k, v, jnp.arange(S), 0, n, Tq, static, dots=True))
         out = finish(one(q, key_cache, value_cache, lengths), q.dtype)  # [B, K, R, Hv]
     else:
         out = run_splits(q, lengths, (key_cache, value_cache), fetch, Tq, Hv, static, num_splits, q.dtype)
