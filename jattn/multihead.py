@@ -79,11 +79,17 @@ def _lift(implementation: str, config: Config, a: Arrays):
     mask, (mask_b, mask_k, mask_g) = _squeeze_broadcast_axes(a.mask)
     bias, (bias_b, bias_k, bias_g) = _squeeze_broadcast_axes(a.bias)
     # Axes, innermost first: over G query heads, over K kv heads, over B.
-    over_g = jax.vmap(
-        one_head,
-        in_axes=(1, None, None, mask_g, bias_g, 0, None, None, None, None),
-        out_axes=(1, 0, 1),  # out [T, G, Hv], weights [G, T, S], lse [T, G]
-    )
+    if a.query.shape[3] == 1:  # one query head per kv head: no vmap level (XLA would copy
+        # the [T, S] logits between two orders of the batch axes that differ only by this 1)
+        def over_g(q, k, v, mask, bias, keep, *structure):
+            out, weights, lse = one_head(q[:, 0], k, v, mask, bias, None if keep is None else keep[0], *structure)
+            return out[:, None], None if weights is None else weights[None], lse[:, None]
+    else:
+        over_g = jax.vmap(
+            one_head,
+            in_axes=(1, None, None, mask_g, bias_g, 0, None, None, None, None),
+            out_axes=(1, 0, 1),  # out [T, G, Hv], weights [G, T, S], lse [T, G]
+        )
     over_k = jax.vmap(
         over_g,
         in_axes=(1, 1, 1, mask_k, bias_k, 0, None, None, None, None),

@@ -21,6 +21,17 @@ def split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(bad[:, None], jnp.zeros((), x.dtype), x), bad
 
 
+def nan_rows(x: jax.Array, dtype) -> jax.Array:
+    """x [L, d] -> [L] of ``dtype``: NaN where the row holds a NaN or inf, else 0 (no gradient)."""
+    row_max = jnp.max(jnp.abs(x), axis=-1, initial=0)  # [L]; max propagates NaN
+    return nan_at(~jnp.isfinite(row_max), dtype)
+
+
+def zeroed(x: jax.Array) -> jax.Array:
+    """x with every NaN or inf entry set to 0 (its row is flagged by ``nan_rows``)."""
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
 def nan_at(bad: jax.Array, dtype) -> jax.Array:
     """bad [L] bool -> [L] of ``dtype``: NaN where bad, else 0 (add it to poison those rows)."""
     return jnp.where(bad, jnp.asarray(jnp.nan, dtype), jnp.asarray(0, dtype))

@@ -41,6 +41,11 @@ def masked_softmax(logits: jax.Array, visible: jax.Array | None) -> tuple[jax.Ar
     """
     if logits.shape[-1] == 0:  # no key at all: every row sees nothing
         return logits, jnp.sum(logits, axis=-1) - jnp.inf  # [T] of -inf, batched like logits
+    if visible is None:
+        row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [T, 1]
+        p = jnp.exp(logits - row_max)  # [T, S]
+        total = jnp.sum(p, axis=-1, keepdims=True)  # [T, 1], >= 1 (or NaN)
+        return p / total, (row_max + jnp.log(total))[:, 0]
     if visible is not None:
         # Hide before exp: a hidden logit far above the row max must not overflow.
         logits = jnp.where(visible, logits, -jnp.inf)  # [T, S]
@@ -73,10 +78,11 @@ def attention_head(
     """
     T, S = q.shape[0], k.shape[0]
     f32 = jnp.promote_types(q.dtype, jnp.float32)
-    (q, q_bad), (k, k_bad), (v, v_bad) = _finite.split(q), _finite.split(k), _finite.split(v)
+    q_nan, k_nan, v_nan = (_finite.nan_rows(x, f32) for x in (q, k, v))  # [T], [S], [S]
+    q, k, v = _finite.zeroed(q), _finite.zeroed(k), _finite.zeroed(v)
     logits = jnp.einsum("td,sd->ts", q, k, preferred_element_type=f32) * scale  # [T, S]
     logits = soft_cap(logits, logits_soft_cap)
-    logits = logits + _finite.nan_at(q_bad, f32)[:, None] + _finite.nan_at(k_bad, f32)[None, :]  # [T, S]
+    logits = logits + q_nan[:, None] + k_nan[None, :]  # [T, S]
     hidden_by_bias = None
     if bias is not None:
         logits = logits + bias.astype(f32)
@@ -89,7 +95,11 @@ def attention_head(
     mixed = weights if keep is None else weights * keep
     out = jnp.einsum("ts,sd->td", mixed, v, preferred_element_type=f32)  # [T, d_v]
     # Rows that see a non-finite value are NaN; the product keeps their gradients NaN too.
-    out = out * (1 + _finite.nan_at(_finite.rows_seeing(v_bad, visible, T), f32))[:, None]
+    if visible is None:
+        v_seen = jnp.sum(v_nan)  # every row sees every key
+    else:
+        v_seen = _finite.nan_at(_finite.rows_seeing(jnp.isnan(v_nan), visible, T), f32)[:, None]  # [T, 1]
+    out = out * (1 + v_seen)
     return HeadOutput(out.astype(q.dtype), weights, lse)
 
 
