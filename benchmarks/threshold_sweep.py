@@ -7,8 +7,9 @@ loss ``jnp.sum(out)`` (an all-ones cotangent, which XLA may simplify); forward+b
 fixed random cotangent (``jnp.sum(out * ct)``). Gradients are taken for q, k and v.
 
 Timing on a shared machine: every implementation of one point is compiled first, then timed in
-rounds; in each round every implementation runs ``--calls`` times back to back (its time in the
-round: the fastest call), default right next to jax.nn, in an order that alternates between
+rounds (``--rounds`` x max(1, 1024 / T): short calls are noisy and cheap, so T = 128 gets 8x
+the rounds of T >= 1024); in each round every implementation runs ``--calls`` times back to
+back (its time in the round: the fastest call), default right next to jax.nn, in an order that alternates between
 rounds (forward, then reversed) so that none always runs first or last. Ratios are PAIRED per round: ``jax.nn time / jattn
 time`` from the same round (above 1 = jattn faster), so a load spike that slows one round slows
 both sides of its ratio; the JSON reports the median over rounds and the spread (min, max), and
@@ -64,6 +65,11 @@ def _program(fn, mode: str, causal: bool):
     return jax.jit(lambda q, k, v, ct: grad(q, k, v))
 
 
+def rounds_for(T: int, rounds: int) -> int:
+    """More rounds where one call is short: ``rounds`` x max(1, 1024 // T)."""
+    return rounds * max(1, 1024 // T)
+
+
 def _point(T: int, causal: bool, mode: str, rounds: int, calls: int) -> dict:
     rng = np.random.default_rng(T)
     q, k, v, ct = (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) for _ in range(4))
@@ -81,7 +87,7 @@ def _point(T: int, causal: bool, mode: str, rounds: int, calls: int) -> dict:
                 fastest = min(fastest, time.perf_counter() - start)
             per_round[name].append(fastest)
     choice = jattn.explain_implementation(q, k, v, is_causal=causal).implementation
-    record = {"T": T, "causal": causal, "mode": mode, "default_choice": choice,
+    record = {"T": T, "causal": causal, "mode": mode, "default_choice": choice, "rounds": rounds,
               "ms": {name: 1e3 * min(ts) for name, ts in per_round.items()}}
     for name in ("default", "xla", "chunked"):
         ratios = np.asarray(per_round["jax.nn"]) / np.asarray(per_round[name])  # paired, per round
@@ -94,7 +100,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 768, 1024, 2048])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--calls", type=int, default=2)
+    p.add_argument("--calls", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "threshold_sweep.json"))
     args = p.parse_args()
@@ -103,7 +109,8 @@ def main():
 
     print(f"jax {jax.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{jax.default_backend()}; fp32 B={B} N={N} H={H}; CHUNKED_MIN_TS={dispatch.CHUNKED_MIN_TS}; "
-          f"{args.rounds} rounds x {args.calls} calls, order alternating; ratios: median of per-round pairs [min, max]")
+          f"{args.rounds} rounds (x 1024/T below T=1024) x {args.calls} calls, order alternating; "
+          "ratios: median of per-round pairs [min, max]")
     header = f"{'T':>5s} {'causal':>6s} {'mode':>15s} {'choice':>8s} " + " ".join(
         f"{n:>9s}" for n in ("default", "xla", "chunked", "jax.nn")) + "  default/jax.nn [spread]    xla  chunked  (x jax.nn speed)"
     print(header)
@@ -115,7 +122,8 @@ def main():
             "machine": {"jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
                         "cores": os.cpu_count(), "backend": jax.default_backend(), "shared": True,
                         "load_average_at_end": round(os.getloadavg()[0], 1)},
-            "settings": {"B": B, "N": N, "H": H, "dtype": "float32", "rounds": args.rounds, "calls": args.calls,
+            "settings": {"B": B, "N": N, "H": H, "dtype": "float32", "rounds": args.rounds,
+                         "rounds_rule": "rounds x max(1, 1024 // T)", "calls": args.calls,
                          "statistic": "ratios: median (and min, max) over rounds of per-round paired ratios; "
                                       "ms: min over all rounds", "chunked_min_ts": dispatch.CHUNKED_MIN_TS},
             "complete": complete,
@@ -130,7 +138,7 @@ def main():
     for T in args.lengths:
         for causal in (False, True):
             for mode in MODES:
-                r = _point(T, causal, mode, args.rounds, args.calls)
+                r = _point(T, causal, mode, rounds_for(T, args.rounds), args.calls)
                 records.append(r)
                 ms = r["ms"]
                 lo, hi = r["default_vs_jax_nn_spread"]

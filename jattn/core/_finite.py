@@ -44,6 +44,14 @@ def rows_seeing(bad_keys: jax.Array, visible: jax.Array | None, T: int) -> jax.A
     return jnp.any(visible & bad_keys[None, :], axis=-1)  # [T]
 
 
+def nan_seen(key_nan: jax.Array, visible: jax.Array | None, T: int) -> jax.Array:
+    """key_nan [S] (NaN or 0, see ``nan_rows``), visible [T, S] or None (all) -> [T]: NaN in
+    the rows that see a NaN entry, else 0. One float reduction that XLA fuses with the mask."""
+    if visible is None:
+        return jnp.broadcast_to(jnp.max(key_nan, initial=0), (T,))
+    return jnp.max(jnp.where(visible, key_nan[None, :], 0), axis=-1, initial=0)  # [T]; max keeps NaN
+
+
 def with_nan_rows(out: jax.Array, lse: jax.Array) -> jax.Array:
     """out [T, d_v], lse [T] -> out with NaN in every row whose logsumexp is NaN.
 

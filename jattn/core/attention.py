@@ -96,11 +96,7 @@ def attention_head(
     mixed = weights if keep is None else weights * keep
     out = jnp.einsum("ts,sd->td", mixed, v, preferred_element_type=f32)  # [T, d_v]
     # Rows that see a non-finite value are NaN; the product keeps their gradients NaN too.
-    if visible is None:
-        v_seen = jnp.sum(v_nan)  # every row sees every key
-    else:
-        v_seen = _finite.nan_at(_finite.rows_seeing(jnp.isnan(v_nan), visible, T), f32)[:, None]  # [T, 1]
-    out = out * (1 + v_seen)
+    out = out * (1 + _finite.nan_seen(v_nan, visible, T)[:, None])
     return HeadOutput(out.astype(q.dtype), weights, lse)
 
 
