@@ -108,7 +108,8 @@ def main():
         args.lengths, args.rounds = [256, 1024], 3
 
     print(f"jax {jax.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{jax.default_backend()}; fp32 B={B} N={N} H={H}; CHUNKED_MIN_TS={dispatch.CHUNKED_MIN_TS}; "
+          f"{jax.default_backend()}; fp32 B={B} N={N} H={H}; CHUNKED_MIN_TS={dispatch.CHUNKED_MIN_TS} "
+          f"(dense: {dispatch.CHUNKED_MIN_TS_DENSE}); "
           f"{args.rounds} rounds (x 1024/T below T=1024) x {args.calls} calls, order alternating; "
           "ratios: median of per-round pairs [min, max]")
     header = f"{'T':>5s} {'causal':>6s} {'mode':>15s} {'choice':>8s} " + " ".join(
@@ -125,7 +126,8 @@ def main():
             "settings": {"B": B, "N": N, "H": H, "dtype": "float32", "rounds": args.rounds,
                          "rounds_rule": "rounds x max(1, 1024 // T)", "calls": args.calls,
                          "statistic": "ratios: median (and min, max) over rounds of per-round paired ratios; "
-                                      "ms: min over all rounds", "chunked_min_ts": dispatch.CHUNKED_MIN_TS},
+                                      "ms: min over all rounds", "chunked_min_ts": dispatch.CHUNKED_MIN_TS,
+                         "chunked_min_ts_dense": dispatch.CHUNKED_MIN_TS_DENSE},
             "complete": complete,
             "records": records,
             "default_never_10pct_slower": ok,

@@ -11,12 +11,12 @@ H key head dim, Hv value head dim.
    ``'cudnn'`` (``jax.nn.dot_product_attention(implementation='cudnn')`` on all heads at
    once). A bias can hide every key of a row with ``-inf``, where cuDNN does not return
    jattn's 0, so the automatic choice never sends one to cuDNN.
-3. ``T * S >= CHUNKED_MIN_TS`` (512·1024) -> ``'chunked'`` (memory-linear flash attention),
-   else ``'xla'``. Measured on the 2-core CPU (fp32, B=1, N=8, H=64, medians of interleaved
-   runs): at T = S = 512 'xla' is 1.0-1.3x jax.nn's speed forward and 0.7-1.2x
-   forward+backward (noisy), ahead of 'chunked' (0.75-0.9x / 0.75-1.1x); from T = 1024 on
-   'chunked' wins both ways (1.7-3.2x forward, 1.35-2.4x forward+backward) and its memory
-   stays linear.
+3. ``T * S >= CHUNKED_MIN_TS`` (512·1024) with a causal mask or a local window, where
+   'chunked' skips the hidden tiles, or ``T * S >= CHUNKED_MIN_TS_DENSE`` (1024·1024) without
+   one -> ``'chunked'`` (memory-linear flash attention), else ``'xla'``. Chosen from the
+   committed sweep (``benchmarks/threshold_sweep.py`` -> ``benchmarks/results/threshold_sweep.json``,
+   fp32, B=1, N=8, H=64, 2-core CPU): at T = S = 768 without a mask 'chunked' was slower than
+   jax.nn and 'xla' was not; with a causal mask 'chunked' was the faster of the two.
 
 A named implementation runs as asked, with two exceptions: ``'chunked'`` with
 ``return_weights`` or dropout falls back to ``'xla'`` with a ``UserWarning`` (the result is
@@ -43,7 +43,8 @@ from jattn.multihead import register_implementation, register_multihead_implemen
 from jattn.core.spec import Arrays, Config, attention_spec
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")  # the built-ins; registered_implementations() has all
-CHUNKED_MIN_TS = 512 * 1024  # T * S from which None picks 'chunked' over 'xla' (measured)
+CHUNKED_MIN_TS = 512 * 1024  # T * S from which None picks 'chunked' with a causal mask or window
+CHUNKED_MIN_TS_DENSE = 1024 * 1024  # the same without one (no tile to skip; measured)
 CUDNN_HEAD_DIMS = range(8, 129, 8)  # head dims cuDNN's fused attention accepts (H == Hv)
 
 
@@ -168,9 +169,12 @@ def choose(implementation: str | None, config: Config, arrays: Arrays, *, return
             return Choice("cudnn", "NVIDIA GPU and every cuDNN constraint holds")
         note = " (not 'cudnn': a -inf bias could hide every key of a row, where cuDNN does not give 0)"
     T, S = arrays.query.shape[1], arrays.key.shape[1]
-    if T * S >= CHUNKED_MIN_TS:
-        return Choice("chunked", f"T*S = {T}*{S} >= {CHUNKED_MIN_TS}: long sequences{note}")
-    return Choice("xla", f"T*S = {T}*{S} < {CHUNKED_MIN_TS}: short sequences{note}")
+    skips_tiles = config.is_causal or config.window is not None
+    threshold, what = ((CHUNKED_MIN_TS, "causal/window") if skips_tiles
+                       else (CHUNKED_MIN_TS_DENSE, "no causal/window"))
+    if T * S >= threshold:
+        return Choice("chunked", f"T*S = {T}*{S} >= {threshold} ({what}): long sequences{note}")
+    return Choice("xla", f"T*S = {T}*{S} < {threshold} ({what}): short sequences{note}")
 
 
 def resolve(implementation: str | None, config: Config, arrays: Arrays, *, return_weights: bool) -> str:

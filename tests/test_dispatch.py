@@ -20,10 +20,15 @@ def test_short_sequences_use_xla_long_ones_chunked():
     assert short.implementation == "xla" and "short" in short.reason
     long = jattn.explain_implementation(*_shapes(4096), is_causal=True)
     assert long.implementation == "chunked" and "long" in long.reason
-    # The rule is on T * S, at the documented threshold.
-    edge_T = dispatch.CHUNKED_MIN_TS // 64
-    assert jattn.explain_implementation(*_shapes(edge_T, 64)).implementation == "chunked"
-    assert jattn.explain_implementation(*_shapes(edge_T - 1, 64)).implementation == "xla"
+    # The rule is on T * S, at the documented thresholds: lower with a causal mask or window.
+    for threshold, kw in ((dispatch.CHUNKED_MIN_TS, dict(is_causal=True)),
+                          (dispatch.CHUNKED_MIN_TS, dict(local_window_size=(8, 0))),
+                          (dispatch.CHUNKED_MIN_TS_DENSE, {})):
+        edge_T = threshold // 64
+        assert jattn.explain_implementation(*_shapes(edge_T, 64), **kw).implementation == "chunked", kw
+        assert jattn.explain_implementation(*_shapes(edge_T - 1, 64), **kw).implementation == "xla", kw
+    assert jattn.explain_implementation(*_shapes(768)).implementation == "xla"
+    assert jattn.explain_implementation(*_shapes(768), is_causal=True).implementation == "chunked"
 
 
 @pytest.mark.parametrize("kwargs,why", [
