@@ -52,6 +52,16 @@ def nan_seen(key_nan: jax.Array, visible: jax.Array | None, T: int) -> jax.Array
     return jnp.max(jnp.where(visible, key_nan[None, :], 0), axis=-1, initial=0)  # [T]; max keeps NaN
 
 
+def nan_seen_prefix(key_nan: jax.Array, last: jax.Array) -> jax.Array:
+    """key_nan [S] (NaN or 0), last [T] int -> [T]: NaN in the rows t that see a NaN among keys
+    0..last[t] (a causal row), else 0. A running max over S: no [T, S] pass."""
+    if key_nan.shape[0] == 0:
+        return jnp.zeros(last.shape, key_nan.dtype)
+    running = jax.lax.cummax(key_nan)  # [S]; max keeps NaN
+    seen = running[jnp.clip(last, 0, key_nan.shape[0] - 1)]  # [T]
+    return jnp.where(last >= 0, seen, 0)
+
+
 def with_nan_rows(out: jax.Array, lse: jax.Array) -> jax.Array:
     """out [T, d_v], lse [T] -> out with NaN in every row whose logsumexp is NaN.
 

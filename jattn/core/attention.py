@@ -96,7 +96,12 @@ def attention_head(
     mixed = weights if keep is None else weights * keep
     out = jnp.einsum("ts,sd->td", mixed, v, preferred_element_type=f32)  # [T, d_v]
     # Rows that see a non-finite value are NaN; the product keeps their gradients NaN too.
-    out = out * (1 + _finite.nan_seen(v_nan, visible, T)[:, None])
+    causal_only = structure.is_causal and structure.window is None and all(x is None for x in structure[3:])
+    if causal_only and mask is None and bias is None:  # row t sees keys 0..t + offset
+        v_seen = _finite.nan_seen_prefix(v_nan, jnp.arange(T) + structure.offset)  # [T]
+    else:
+        v_seen = _finite.nan_seen(v_nan, visible, T)  # [T]
+    out = out * (1 + v_seen[:, None])
     return HeadOutput(out.astype(q.dtype), weights, lse)
 
 
