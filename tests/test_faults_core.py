@@ -520,3 +520,18 @@ def test_infinite_query_or_key_is_nan_not_masked(path):
     expected[0, 1, 0] = True
     expected[1, :, 2:] = True  # every query sees key 2; the soft cap must not bound the inf
     np.testing.assert_array_equal(_nan_rows(out), expected)
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_non_finite_value_with_a_causal_offset_poisons_the_rows_that_see_it(alignment):
+    """The causal-only 'xla' path finds those rows from a running max over the keys."""
+    q, k, v = _inputs(35)  # T = 5 queries, S = 7 keys
+    v[0, 3, 1, 0] = np.nan  # batch 0, key 3, kv head 1 (query heads 2, 3)
+    offset = S - T if alignment == "bottom_right" else 0  # query t sits at key position t + offset
+    out = jattn.dot_product_attention(q, k, v, is_causal=True, causal_alignment=alignment, implementation="xla")
+    expected = np.zeros((B, T, N), bool)
+    expected[0, max(0, 3 - offset):, 2:] = True
+    np.testing.assert_array_equal(_nan_rows(out), expected)
+    chunked = jattn.dot_product_attention(q, k, v, is_causal=True, causal_alignment=alignment,
+                                          implementation="chunked", block_sizes=(2, 3))
+    np.testing.assert_array_equal(_nan_rows(chunked), expected)
