@@ -15,7 +15,7 @@ H key head dim, Hv value head dim.
    'chunked' skips the hidden tiles, or ``T * S >= CHUNKED_MIN_TS_DENSE`` (1024·1024) without
    one -> ``'chunked'`` (memory-linear flash attention), else ``'xla'``. From the sweep
    (``benchmarks/threshold_sweep.py``, fp32, B=1, N=8, H=64, shared 2-core CPU): at T = S = 768
-   without a mask, one run (threshold_sweep.json as of commit 2d18899) had 'chunked' at 0.87-1.05x
+   without a mask, one run (threshold_sweep.json as of commit 9e7da9c) had 'chunked' at 0.87-1.05x
    jax.nn's speed and 'xla' at 1.00-1.47x; the committed run, under another load, has both
    above jax.nn ('xla' 1.01-1.86x, 'chunked' 1.40-2.08x). With a causal mask 'chunked' is the
    faster from T = 768 in both.
