@@ -8,15 +8,20 @@ latter's built-ins are ready-made mods (``jattn.kernels.chunked``) and its dense
 arrays are per-tile inputs. Each tile's logits are ``score_mod(q·kᵀ·scale) + bias``; an entry
 is hidden by ``mask_mod``, the dense mask, a ``-inf`` bias or a ``-inf`` score_mod result.
 
-Forward: for each query block i, an online softmax (``blockwise.fold``) over the key blocks its
+Forward: for each query block i, an online softmax (``forward_tile``) over the key blocks its
 row of the block mask lists: first the partial ones (``mask_mod`` and padding evaluated on the
 tile), then the full ones (no mask evaluation). Each list is a loop of ``count`` steps; under
 ``vmap`` over heads and batch a batched count becomes a batched loop bound and JAX runs the
 maximum count, never all blocks. Backward (FlashAttention-2): for each key block j, the query
-blocks of the transposed view, on key-major tiles [bk, bq]; dK, dV per key block, dQ, dbias
-and the gradients of the score_mod's closed-over arrays in carries.
+blocks of the transposed view, on key-major tiles [bk, bq] (``backward_tile``); dK, dV per key
+block, dQ, dbias and the gradients of the score_mod's closed-over arrays in carries.
 
-Layout: under ``vmap`` over heads, q, k, v (split: non-finite rows zeroed, q scaled) are held
+Tile steps: ``init_carry``, ``forward_tile``, ``finalize_rows`` and ``backward_tile`` are the
+whole per-tile algorithm; they know a tile only through the callables that give its scores
+(``score``) and its logits and visibility (``logits_fn``), so sequence-parallel ring attention
+(``jattn.parallel.ring``) runs its tiles with them too: one tile implementation in jattn.
+
+Layout: under ``vmap`` over heads, q, k, v (non-finite entries zeroed, q scaled) are held
 head-major once per call, and the backward reuses them from the forward. Score tiles contract
 two head-major blocks over the head dim (q kᵀ, and k qᵀ / v dOᵀ key-major in the backward):
 XLA:CPU transposes the small rhs block inside the slice that fetches it, which measured as fast
@@ -26,7 +31,7 @@ T = 16384 the documents fwd+bwd temp went from 322 to 225 MiB). dQ is accumulate
 falls off XLA:CPU's fast matmul (1.6x its time measured on [8, 128, 128] tiles).
 
 Semantics: NaN is not hidden and propagates to the rows that see it; a NaN or inf in a q, k
-or v row that a row cannot see never reaches that row (``jattn.core._finite``): such rows are
+or v row that a row cannot see never reaches that row (``jattn.core._finite``): such entries are
 multiplied as zeros; a bad query row that sees a key, and a row that sees a bad key, get a
 NaN softmax sum (so a NaN out and lse, whose NaN the backward's P = exp(logits - lse)
 carries on); a row that sees a bad value row gets a NaN output. A row that sees nothing
@@ -43,8 +48,9 @@ import jax
 import jax.numpy as jnp
 
 from jattn.core import _finite
-from jattn.kernels import blockwise
 from jattn.flex import convert
+
+Carry = tuple[jax.Array, jax.Array, jax.Array]  # online softmax: m [bq], l [bq], acc [bq, d_v]
 
 
 class Static(NamedTuple):
@@ -87,20 +93,144 @@ class Inputs(NamedTuple):
 
 
 class _Finite(NamedTuple):
-    """q, k, v with non-finite rows zeroed (q also scaled) and which rows were non-finite."""
+    """q, k, v with non-finite entries zeroed (q also scaled) and which rows were non-finite."""
 
     q: jax.Array  # [Tp, d_k]: q · scale
     k: jax.Array  # [Sp, d_k]
     v: jax.Array  # [Sp, d_v]
-    q_bad: jax.Array  # [Tp] bool
-    k_bad: jax.Array  # [Sp] bool
-    v_bad: jax.Array  # [Sp] bool
+    q_nan: jax.Array  # [Tp]: NaN where the row was non-finite, else 0 (``_finite.nan_rows``)
+    k_nan: jax.Array  # [Sp]
+    v_nan: jax.Array  # [Sp]
 
 
 def _split(st: Static, a: Inputs) -> _Finite:
     """Once per head: scaling q here keeps each [bq, bk] score tile a bare q kᵀ."""
-    (q, q_bad), (k, k_bad), (v, v_bad) = _finite.split(a.q), _finite.split(a.k), _finite.split(a.v)
-    return _Finite(q * st.scale, k, v, q_bad, k_bad, v_bad)
+    nan = [_finite.nan_rows(x, x.dtype) for x in (a.q, a.k, a.v)]  # [Tp], [Sp], [Sp]
+    return _Finite(_finite.zeroed(a.q) * st.scale, _finite.zeroed(a.k), _finite.zeroed(a.v), *nan)
+
+
+# ----------------------------------------------------------------------------------------
+# Tile steps, shared with ring attention.
+# ----------------------------------------------------------------------------------------
+
+
+def init_carry(q_blk, d_v: int) -> Carry:
+    """The empty online-softmax state of query rows ``q_blk [bq, d_k]``: running max -inf, sum 0,
+    output 0, in q's dtype; built from ``q_blk`` (``*_like``) so that inside ``jax.shard_map``
+    it varies over the same mesh axes as the queries (loop carries must)."""
+    m = jnp.full_like(jnp.sum(q_blk, axis=-1), -jnp.inf)  # [bq]; d_k may be 0
+    return m, jnp.zeros_like(m), jnp.zeros_like(m, shape=(q_blk.shape[0], d_v))
+
+
+def _fold(carry: Carry, logits, vis, v_blk, v_nan) -> Carry:
+    """Fold logits [bq, bk] (hidden where ``vis`` is False; None: all visible) and finite value
+    rows ``v_blk [bk, d_v]`` into the state; rows that see a NaN of ``v_nan`` (``[bk]``, or
+    ``[1]`` when ``vis`` is None) become NaN."""
+    m, l, acc = carry
+    if vis is not None:
+        logits = jnp.where(vis, logits, -jnp.inf)  # [bq, bk]
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))  # [bq]
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing visible yet: 0; NaN stays NaN
+    p = jnp.exp(logits - m_safe[:, None])  # [bq, bk]; exactly 0 where hidden
+    alpha = jnp.exp(m - m_safe)  # [bq]; 0 while m is still -inf
+    l = alpha * l + jnp.sum(p, axis=-1)
+    acc = alpha[:, None] * acc + jnp.einsum("qk,kd->qd", p, v_blk)  # [bq, d_v]
+    return m_new, l, acc + _finite.nan_seen(v_nan, vis, p.shape[0])[:, None]
+
+
+def forward_tile(carry: Carry, q_blk, k_blk, v_blk, k_nan, v_nan, score, consts, logits_fn,
+                 blk_nan=None) -> Carry:
+    """Fold one [bq, bk] tile into the online-softmax state.
+
+    Args:
+      carry: (m [bq], l [bq], acc [bq, d_v]) from ``init_carry`` or the previous tile.
+      q_blk: [bq, d_k] finite query rows times the scale (``_finite.zeroed``).
+      k_blk: [bk, d_k] finite key rows.
+      v_blk: [bk, d_v] finite value rows.
+      k_nan: [bk] NaN where the key row was non-finite, else 0 (``_finite.nan_rows``).
+      v_nan: [bk] likewise for the value rows.
+      score: ``score(s [bq, bk], consts) -> [bq, bk]``, the score_mod on this tile (or identity).
+      consts: the arrays ``score`` closed over.
+      logits_fn: ``scores -> (logits [bq, bk], visible [bq, bk] bool | None)``: bias and masks.
+      blk_nan: optional precomputed ``(max of k_nan, max of v_nan)`` ([] each), used when every
+        entry is visible.
+
+    Returns:
+      The new state. A row that sees a bad key gets a NaN sum (so a NaN lse and output), added
+      after score_mod and masks so that no mod drops it.
+    """
+    raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
+    logits, vis = logits_fn(score(raw, consts))
+    if vis is None:  # every row sees every key: a NaN sum (so lse) where a key is bad
+        k_max, v_max = (jnp.max(k_nan), jnp.max(v_nan)) if blk_nan is None else blk_nan
+        m, l, acc = _fold(carry, logits, None, v_blk, v_max[None])
+        return m, l + k_max, acc
+    # NaN columns, in the pass that applies vis: hidden ones stay hidden
+    return _fold(carry, logits + k_nan[None, :], vis, v_blk, v_nan)  # [bq, bk]
+
+
+def finalize_rows(carry: Carry, q_nan):
+    """(out [bq, d_v], lse [bq]) of a finished state; ``q_nan [bq]`` (NaN where the query row
+    was non-finite) poisons the rows that saw a key. Rows that saw nothing: 0 and -inf."""
+    m, l, acc = carry
+    l = l + jnp.where(l != 0, q_nan, 0)  # a bad query row that sees a key
+    empty = l == 0
+    safe_l = jnp.where(empty, 1.0, l)
+    out = acc / safe_l[:, None]  # [bq, d_v]
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))  # [bq]
+    return _finite.with_nan_rows(out, lse), lse
+
+
+def backward_tile(dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk, score, consts, logits_fn,
+                  scale: float):
+    """FlashAttention-2 backward of one tile, key-major: P = exp(logits - lse), dS = P ∘ (dP - delta).
+
+    Args:
+      dk: [bk, d_k] accumulator of the key block's gradient.
+      dv: [bk, d_v] accumulator of the value block's gradient.
+      q_blk: [bq, d_k] finite query rows times the scale.
+      do_blk: [bq, d_v] output cotangent.
+      lse_blk: [bq] the forward's logsumexp, +inf where it was -inf (P = 0 on rows that saw nothing).
+      delta_blk: [bq] rowsum(dO ∘ O) minus the lse cotangent.
+      k_blk: [bk, d_k] finite key rows; ``kt_blk`` its transpose [d_k, bk].
+      v_blk: [bk, d_v] finite value rows.
+      score: ``score(s [bk, bq], consts) -> [bk, bq]`` on the key-major tile.
+      consts: the arrays ``score`` closed over.
+      logits_fn: ``scores -> (logits [bk, bq], visible [bk, bq] | None)``.
+      scale: the score scale (q_blk carries it already).
+
+    Returns:
+      (dk, dv, dqᵀ [d_k, bq] of this tile, dSᵀ [bk, bq] (the logits' gradient), the gradients of
+      the floating ``consts`` (a tuple, integer consts left out)).
+    """
+    raw = jnp.einsum("kd,qd->kq", k_blk, q_blk)  # [bk, bq]: (q kᵀ · scale)ᵀ
+    is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
+    floats = tuple(c for c, fl in zip(consts, is_float) if fl)
+
+    def with_floats(s, fl):
+        it = iter(fl)
+        return score(s, tuple(next(it) if isf else c for c, isf in zip(consts, is_float)))
+
+    scores, score_vjp = jax.vjp(with_floats, raw, floats)
+    logits, vis = logits_fn(scores)  # [bk, bq]
+    shifted = logits - lse_blk[None, :]  # [bk, bq]
+    if vis is not None:
+        shifted = jnp.where(vis, shifted, -jnp.inf)  # mask before exp: no overflow when hidden
+    p = jnp.exp(shifted)  # [bk, bq]: Pᵀ
+    dv = dv + p @ do_blk  # [bk, d_v]
+    dp = jnp.einsum("kd,qd->kq", v_blk, do_blk)  # [bk, bq]: dPᵀ
+    ds = p * (dp - delta_blk[None, :])  # [bk, bq]: dSᵀ
+    if vis is not None:
+        ds = jnp.where(vis, ds, 0.0)  # a NaN delta (the row saw a NaN) stays off hidden keys
+    d_raw, d_floats = score_vjp(ds)  # [bk, bq]: gradient of (q kᵀ · scale)ᵀ
+    dk = dk + d_raw @ q_blk  # [bk, d_k]; q_blk carries the scale
+    dq_t = (kt_blk @ d_raw) * scale  # [d_k, bq]; scale on the small side
+    return dk, dv, dq_t, ds, d_floats
+
+
+# ----------------------------------------------------------------------------------------
+# The block-sparse loop of one head.
+# ----------------------------------------------------------------------------------------
 
 
 def _rows(x, i, size):
@@ -135,7 +265,7 @@ def _score_fn(st: Static, a: Inputs, q_ids, kv_ids, kv_major: bool):
         st.score_mod, consts, s, a.b, a.h, q_ids, kv_ids, kv_major=kv_major).astype(s.dtype)
 
 
-def _logits(st: Static, a: Inputs, f: _Finite, i, j, scores, partial: bool, q_ids, kv_ids, real, kv_major: bool):
+def _logits(st: Static, a: Inputs, i, j, partial: bool, q_ids, kv_ids, real, kv_major: bool, scores):
     """(logits, visible or None) from the modified ``scores`` of tile (i, j): [bq, bk], or
     [bk, bq] when ``kv_major`` (the backward's layout).
 
@@ -168,9 +298,9 @@ def _forward(st: Static, a: Inputs, f: _Finite, r: Rows):
     d_v = f.v.shape[1]
 
     nk = f.k.shape[0] // st.bk
-    # Where every row sees every key of a tile, one flag per key block says whether a row sees
-    # a non-finite key / value: no per-tile reduction over the rows' flags.
-    k_blk_bad, v_blk_bad = (jnp.any(x.reshape(nk, st.bk), axis=-1) for x in (f.k_bad, f.v_bad))  # [nk]
+    # Where every row sees every key of a tile, one value per key block says whether a row sees
+    # a non-finite key / value: no per-tile reduction over the rows' values.
+    k_blk_nan, v_blk_nan = (jnp.max(x.reshape(nk, st.bk), axis=-1) for x in (f.k_nan, f.v_nan))  # [nk]
 
     def q_block(i):
         q_blk = _rows(f.q, i, st.bq)  # [bq, d_k]
@@ -179,25 +309,19 @@ def _forward(st: Static, a: Inputs, f: _Finite, r: Rows):
             j = indices[i, n]
             k_blk, v_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk)  # [bk, d_k], [bk, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, False)
-            raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
-            scores = _score_fn(st, a, q_ids, kv_ids, False)(raw, a.score_consts)
-            logits, vis = _logits(st, a, f, i, j, scores, partial, q_ids, kv_ids, real, False)
-            if vis is None:  # every row sees every key: a NaN sum (so lse) where a key is bad
-                m, l, acc = blockwise.fold(carry, logits, None, v_blk, v_blk_bad[j][None])
-                return m, l + _finite.nan_at(k_blk_bad[j], l.dtype), acc
-            # NaN columns, in the pass that applies vis: hidden ones stay hidden
-            logits = logits + _finite.nan_at(_rows(f.k_bad, j, st.bk), logits.dtype)[None, :]  # [bq, bk]
-            return blockwise.fold(carry, logits, vis, v_blk, _rows(f.v_bad, j, st.bk))
+            return forward_tile(
+                carry, q_blk, k_blk, v_blk, _rows(f.k_nan, j, st.bk), _rows(f.v_nan, j, st.bk),
+                _score_fn(st, a, q_ids, kv_ids, False), a.score_consts,
+                functools.partial(_logits, st, a, i, j, partial, q_ids, kv_ids, real, False),
+                blk_nan=(k_blk_nan[j], v_blk_nan[j]),
+            )
 
-        carry = blockwise.init_carry_like(q_blk, d_v)
+        carry = init_carry(q_blk, d_v)
         carry = jax.lax.fori_loop(0, r.kv_num[i], functools.partial(step, indices=r.kv_idx, partial=True), carry)
         carry = jax.lax.fori_loop(
             0, r.full_kv_num[i], functools.partial(step, indices=r.full_kv_idx, partial=False), carry
         )
-        m, l, acc = carry
-        l = l + _finite.nan_at(_rows(f.q_bad, i, st.bq) & (l != 0), l.dtype)  # a bad query row that sees a key
-        out, lse = blockwise.finalize((m, l, acc))  # rows that saw nothing: 0 and -inf
-        return _finite.with_nan_rows(out, lse), lse  # [bq, d_v], [bq]
+        return finalize_rows(carry, _rows(f.q_nan, i, st.bq))  # [bq, d_v], [bq]
 
     out, lse = jax.lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))  # [nq, bq, d_v], [nq, bq]
     return out.reshape(nq * st.bq, d_v), lse.reshape(nq * st.bq)  # [Tp, d_v], [Tp]
@@ -223,7 +347,7 @@ def _bwd(st: Static, res, cotangents):
     nk = f.k.shape[0] // st.bk
     delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp]; the lse cotangent folds into delta
     lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [Tp]; rows that saw nothing get P = 0
-    is_float = [jnp.issubdtype(c.dtype, jnp.inexact) for c in a.score_consts]
+    is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in a.score_consts]
 
     def kv_block(carry, j):
         k_blk, v_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk)  # [bk, d_k], [bk, d_v]
@@ -234,30 +358,13 @@ def _bwd(st: Static, res, cotangents):
             i = indices[j, n]
             q_blk, do_blk = _rows(f.q, i, st.bq), _rows(d_out, i, st.bq)  # [bq, d_k], [bq, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, True)
-            raw = jnp.einsum("kd,qd->kq", k_blk, q_blk)  # [bk, bq]: (q kᵀ · scale)ᵀ
-            score = _score_fn(st, a, q_ids, kv_ids, True)
-            floats = tuple(c for c, fl in zip(a.score_consts, is_float) if fl)
-
-            def with_floats(s, fl):
-                it = iter(fl)
-                return score(s, tuple(next(it) if isf else c for c, isf in zip(a.score_consts, is_float)))
-
-            scores, score_vjp = jax.vjp(with_floats, raw, floats)
-            logits, vis = _logits(st, a, f, i, j, scores, partial, q_ids, kv_ids, real, True)  # [bk, bq]
-            shifted = logits - _rows(lse_safe, i, st.bq)[None, :]  # [bk, bq]
-            if vis is not None:
-                shifted = jnp.where(vis, shifted, -jnp.inf)  # mask before exp: no overflow when hidden
-            p = jnp.exp(shifted)  # [bk, bq]: Pᵀ
-            dv = dv + p @ do_blk  # [bk, d_v]
-            dp = jnp.einsum("kd,qd->kq", v_blk, do_blk)  # [bk, bq]: dPᵀ
-            ds = p * (dp - _rows(delta, i, st.bq)[None, :])  # [bk, bq]: dSᵀ
-            if vis is not None:
-                ds = jnp.where(vis, ds, 0.0)  # a NaN delta (the row saw a NaN) stays off hidden keys
+            dk, dv, dq_blk, ds, d_floats = backward_tile(
+                dk, dv, q_blk, do_blk, _rows(lse_safe, i, st.bq), _rows(delta, i, st.bq), k_blk, kt_blk, v_blk,
+                _score_fn(st, a, q_ids, kv_ids, True), a.score_consts,
+                functools.partial(_logits, st, a, i, j, partial, q_ids, kv_ids, real, True), st.scale,
+            )
             if dbias_all is not None:
                 dbias_all = jax.lax.dynamic_update_slice(dbias_all, ds.T, (i * st.bq, j * st.bk))
-            d_raw, d_floats = score_vjp(ds)  # [bk, bq]: gradient of (q kᵀ · scale)ᵀ
-            dk = dk + d_raw @ q_blk  # [bk, d_k]; q_blk carries the scale
-            dq_blk = (kt_blk @ d_raw) * st.scale  # [d_k, bq]; scale on the small side
             dq_t = jax.lax.dynamic_update_slice_in_dim(dq_t, _cols(dq_t, i, st.bq) + dq_blk, i * st.bq, axis=1)
             dconsts = tuple(x + y for x, y in zip(dconsts, d_floats))
             return dk, dv, dq_t, dbias_all, dconsts
