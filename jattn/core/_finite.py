@@ -4,21 +4,17 @@ Shape glossary: L rows, d features, T/S query/key rows of a tile or a whole head
 
 A matmul multiplies a hidden entry's weight 0 by the row it hides, and 0 · NaN = NaN: a NaN
 (or inf) in a hidden key or value would leak into rows that never see it, into some rows but
-not others depending on how 'chunked' tiles the keys. Every path therefore multiplies only
-finite rows (``split``) and puts NaN back exactly where a row sees a non-finite one
-(``nan_at``): in the logits for queries and keys, in the output rows for values.
+not others depending on how 'chunked' tiles the keys. Every path ('xla', the flex loop of
+'chunked' and ``flex_attention``, ring attention's tiles) therefore multiplies only finite
+entries (``zeroed``) and puts NaN back exactly where a row sees a non-finite row
+(``nan_rows``, ``nan_seen``): in the logits or softmax sums for queries and keys, in the
+output rows for values.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-
-def split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [L, d] -> (x with every row holding a NaN or inf set to 0 [L, d], bad [L] bool)."""
-    bad = ~jnp.all(jnp.isfinite(x), axis=-1)  # [L]
-    return jnp.where(bad[:, None], jnp.zeros((), x.dtype), x), bad
 
 
 def nan_rows(x: jax.Array, dtype) -> jax.Array:
@@ -35,13 +31,6 @@ def zeroed(x: jax.Array) -> jax.Array:
 def nan_at(bad: jax.Array, dtype) -> jax.Array:
     """bad [L] bool -> [L] of ``dtype``: NaN where bad, else 0 (add it to poison those rows)."""
     return jnp.where(bad, jnp.asarray(jnp.nan, dtype), jnp.asarray(0, dtype))
-
-
-def rows_seeing(bad_keys: jax.Array, visible: jax.Array | None, T: int) -> jax.Array:
-    """bad_keys [S], visible [T, S] or None (all) -> bool [T]: rows that see a bad key."""
-    if visible is None:
-        return jnp.broadcast_to(jnp.any(bad_keys), (T,))
-    return jnp.any(visible & bad_keys[None, :], axis=-1)  # [T]
 
 
 def nan_seen(key_nan: jax.Array, visible: jax.Array | None, T: int) -> jax.Array:

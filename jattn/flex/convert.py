@@ -7,6 +7,13 @@ bool`` is written for scalars. ``convert`` traces it once on scalar placeholders
 every array it reads from its closure (a bias table, document ids, traced or not) becomes an
 explicit *const* argument, so the attention kernel can pass consts through its custom VJP and
 return their gradients. ``on_tile`` evaluates the closed function on a whole [tq, tk] tile.
+
+Inside ``jax.shard_map`` (ring attention) the score and indices vary over mesh axes: there the
+jaxpr is evaluated equation by equation with every equation's operands first cast to the union
+of their varying axes (``lax.pcast``), which JAX does by itself when tracing Python but not
+when evaluating a traced jaxpr; nested ``jit`` and ``custom_jvp`` calls are inlined (a custom
+derivative rule of a function the mod calls, e.g. ``jax.nn.relu``, is replaced by the
+derivative of its definition). Outside ``shard_map`` the jaxpr is evaluated as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 _ARGS = {
     "score_mod": ("score", "b", "h", "q_idx", "kv_idx"),
@@ -55,7 +63,44 @@ class Converted(NamedTuple):
         """Scalar call: ``(*args, *consts) -> out``."""
         n = len(_ARGS[self.kind])
         args, consts = args_and_consts[:n], args_and_consts[n:]
+        if any(varying_axes(x) for x in args_and_consts):
+            return _eval_varying(self.jaxpr, consts, args)[0]
         return jax.core.eval_jaxpr(self.jaxpr, consts, *args)[0]
+
+
+_INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes over which ``x`` varies inside ``jax.shard_map`` (empty outside)."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def _vary(x, axes: frozenset):
+    missing = tuple(sorted(axes - varying_axes(x), key=str))
+    return jax.lax.pcast(jnp.asarray(x), missing, to="varying") if missing else x
+
+
+def _eval_varying(jaxpr, consts, args) -> list:
+    """``jax.core.eval_jaxpr`` with operands cast to equal varying mesh axes (module docstring)."""
+    env = {}
+    read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]  # noqa: E731
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        axes = frozenset().union(*(varying_axes(x) for x in ins))
+        ins = [_vary(x, axes) for x in ins] if axes else ins
+        name = eqn.primitive.name
+        if name in _INLINED and _INLINED[name] in eqn.params:
+            closed = eqn.params[_INLINED[name]]
+            outs = _eval_varying(closed.jaxpr, closed.consts, ins)
+        else:
+            outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
 
 
 def _check_arity(kind: str, mod: Callable) -> None:

@@ -21,7 +21,8 @@ def dense_head(q, k, v, b, h, score_mod: convert.Converted | None, mask_mod: con
                score_consts, mask_consts, scale: float):
     """One head: q [T, d_k], k [S, d_k], v [S, d_v], b/h int32 scalars -> (out [T, d_v], lse [T])."""
     T, S = q.shape[0], k.shape[0]
-    (q, q_bad), (k, k_bad), (v, v_bad) = _finite.split(q), _finite.split(k), _finite.split(v)
+    q_nan, k_nan, v_nan = (_finite.nan_rows(x, x.dtype) for x in (q, k, v))  # [T], [S], [S]
+    q, k, v = _finite.zeroed(q), _finite.zeroed(k), _finite.zeroed(v)
     q_ids, kv_ids = jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32)
     logits = jnp.einsum("td,sd->ts", q, k) * scale  # [T, S]
     parts = []
@@ -34,8 +35,8 @@ def dense_head(q, k, v, b, h, score_mod: convert.Converted | None, mask_mod: con
     for part in parts:
         visible = part if visible is None else visible & part
     # NaN of a non-finite query/key row, added after score_mod so that no mod can drop it.
-    logits = logits + _finite.nan_at(q_bad, logits.dtype)[:, None] + _finite.nan_at(k_bad, logits.dtype)[None, :]
+    logits = logits + q_nan[:, None] + k_nan[None, :]  # [T, S]
     weights, lse = masked_softmax(logits, visible)  # [T, S], [T]
     out = jnp.einsum("ts,sd->td", weights, v)  # [T, d_v]
-    out = out * (1 + _finite.nan_at(_finite.rows_seeing(v_bad, visible, T), out.dtype))[:, None]
+    out = out + _finite.nan_seen(v_nan, visible, T)[:, None]  # [T, d_v]
     return _finite.with_nan_rows(out, lse), lse  # [T, d_v], [T]

@@ -1,1 +1,1 @@
-"""Memory-linear kernels of one device: the flash-attention tile steps (``blockwise``), the built-ins over the flex block-sparse loop (``chunked``), KV-cache decoding (``decode``) and the paged cache (``paged``)."""
+"""Memory-linear kernels of one device: the built-ins over the flex block-sparse loop (``chunked``; the tile steps live in ``jattn.flex.kernel``), KV-cache decoding (``decode``) and the paged cache (``paged``)."""

@@ -9,10 +9,11 @@ Call ``ring_attention`` inside ``jax.shard_map`` with the sequence axis of query
 sharded over ``axis_name``. Device ``i`` keeps its query block and its key/value block; the
 key/value blocks travel around the ring with ``lax.ppermute`` (device i sends to i+1), so at
 step ``s`` device ``i`` holds the block of device ``(i - s) mod P``. Each step is the
-``'chunked'`` algorithm on the pair (local queries, visiting block): a loop over [bq, bk] tiles
-folded into the online softmax (``blockwise.forward_block``), so per-device memory is linear
-in Tl: no [Tl, Sl] array exists. Only K kv heads travel, never N. The backward pass (custom
-VJP) recomputes each tile with ``blockwise.backward_block`` and sends the dK/dV accumulators
+``'chunked'`` algorithm on the pair (local queries, visiting block): a loop over [bq, bk] tiles,
+each one ``jattn.flex.kernel.forward_tile`` (the tile step of jattn's one block-sparse loop,
+with its NaN rule) folded into the online softmax, so per-device memory is linear in Tl: no
+[Tl, Sl] array exists. Only K kv heads travel, never N. The backward pass (custom VJP)
+recomputes each tile with ``jattn.flex.kernel.backward_tile`` and sends the dK/dV accumulators
 with their blocks; at the end they go home in one hop.
 
 Skipping: a tile (and a whole step) that no query can see under the causal mask, the local
@@ -23,7 +24,8 @@ is computed without evaluating them.
 Mods (``jattn.flex``'s ``mask_mod`` / ``score_mod``) see global indices: original positions,
 and the global batch row / query head when the batch / heads are sharded too (``batch_axis``,
 ``head_axis``). A score_mod's closed-over arrays are arguments of the custom VJP, so they get
-gradients (``jattn.kernels._score_tiles``). With a local window the schedule itself is shortened (``_hops``):
+gradients (evaluated on tiles inside ``shard_map`` by ``jattn.flex.convert.on_tile``). With a
+local window the schedule itself is shortened (``_hops``):
 blocks travel only as far as some query can see, in one or both directions, so a window of
 W costs about W/Tl steps and transfers each way instead of P - 1.
 
@@ -54,10 +56,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jattn.core import _checks, spec
-from jattn.kernels import _score_tiles, blockwise
+from jattn.core import _checks, _finite, spec
 from jattn.kernels.chunked import DEFAULT_BLOCK_KV
-from jattn.flex import convert
+from jattn.flex import convert, kernel
 from jattn.core.masks import causal, combine_masks, local_window, padding, same_segment
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -248,12 +249,13 @@ def _hops(is_causal: bool, window, layout: str, P: int, Tl: int, Sl: int) -> tup
 class _Queries(NamedTuple):
     """What stays on the device: the query block, the per-example masks and the mods' inputs."""
 
-    q: jax.Array  # [B, Tl, K, G, H]
+    q: jax.Array  # [B, Tl, K, G, H]: finite (``_finite.zeroed``) times the scale, compute dtype
     q_len: jax.Array | None  # [B]
     kv_len: jax.Array | None  # [B]
     q_seg: jax.Array | None  # [B, Tl]
     heads: jax.Array | None = None  # [B, K, G, 2] int32: global (batch row, query head) of each local head
     consts: tuple = ()  # the arrays the score_mod closed over
+    q_nan: jax.Array | None = None  # [B, Tl, K, G]: NaN where the query row was non-finite, else 0
 
 
 def _global_heads(st: _Static, B: int, K: int, G: int) -> jax.Array:
@@ -350,15 +352,48 @@ def _step_visible(st: _Static, qs: _Queries, blk: "_Block", pos: "_Positions"):
     return some & jax.lax.fori_loop(0, nq * nk, tile, none)
 
 
-def _score(st: _Static, t: "_Tile"):
-    """Per head: (b, h) [2] -> ``score(s [tq, tk], consts) -> [tq, tk]`` on global indices."""
+def _score(st: _Static, t: "_Tile", bh, kv_major: bool):
+    """``score(s, consts)`` of one head's tile on global indices (bh [2]: its batch row and head):
+    the soft cap, then the score_mod; s is [tq, tk] ([tk, tq] when ``kv_major``)."""
+    zero = bh[0] * 0  # varying like q: so are the positions then
 
-    def per_head(bh):
-        zero = bh[0] * 0  # varying like q: so are the positions then
-        return lambda s, consts: _score_tiles.on_tile(st.score_mod, consts, s, bh[0], bh[1], t.q_pos + zero,
-                                                      t.k_pos + zero)
+    def score(s, consts):
+        if st.cap is not None:
+            s = st.cap * jnp.tanh(s / st.cap)
+        if st.score_mod is None:
+            return s
+        return convert.on_tile(st.score_mod, consts, s, bh[0], bh[1], t.q_pos + zero, t.k_pos + zero,
+                               kv_major=kv_major).astype(s.dtype)
 
-    return per_head
+    return score
+
+
+def _logits_fn(st: _Static, mask, kv_major: bool):
+    """``scores -> (logits, visible | None)`` of one head's tile: ``mask [tq, tk]`` (or None) and,
+    with a score_mod, its ``-inf`` scores hide entries."""
+
+    def logits_fn(scores):
+        parts = [] if mask is None else [mask.T if kv_major else mask]
+        if st.score_mod is not None:
+            parts.append(scores != -jnp.inf)
+        return scores, combine_masks(*parts)
+
+    return logits_fn
+
+
+class _Finite(NamedTuple):
+    """The key/value block that is here with non-finite entries zeroed, in the compute dtype."""
+
+    k: jax.Array  # [B, Sl, K, H]
+    v: jax.Array  # [B, Sl, K, Hv]
+    k_nan: jax.Array  # [B, Sl, K]: NaN where the key row was non-finite, else 0
+    v_nan: jax.Array  # [B, Sl, K]
+
+
+def _finite_block(blk: "_Block", dtype) -> _Finite:
+    """Once per ring step: the block's rows as the flex tile steps take them."""
+    k, v = blk.k.astype(dtype), blk.v.astype(dtype)
+    return _Finite(_finite.zeroed(k), _finite.zeroed(v), _finite.nan_rows(k, dtype), _finite.nan_rows(v, dtype))
 
 
 def _shared_mask(st: _Static, qs: _Queries, t: _Tile, structural: bool):
@@ -395,13 +430,13 @@ def _over_heads(fn, n_q_like: int, n_kv_like: int, grads: bool):
     [B, K, G, tq, tk] | None, bh [B, K, G, 2] the global (batch row, head) of each head.
     Outputs are q_like ([B, tq, K, G, ...]); with ``grads`` fn returns (dq, dk, dv, d_consts):
     dk, dv [B, tk, K, ...] are summed over the G query heads that share a kv head and the
-    tuple d_consts over every head (None entries stay None).
+    tuple d_consts over every head.
     """
     q_axes, kv_axes = (1,) * n_q_like, (1,) * n_kv_like
     out_axes = (1, 1, 1, 0) if grads else 1
 
     def sum_heads(d_consts, axis):
-        return tuple(None if d is None else jnp.sum(d, axis=axis) for d in d_consts)
+        return tuple(jnp.sum(d, axis=axis) for d in d_consts)
 
     def lifted(*args):
         m = 0 if args[-2] is not None and args[-2].ndim == 5 else None  # per-head mask [B, K, G, tq, tk]
@@ -474,6 +509,7 @@ def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
     (m, l [B, Tl, K, G], acc [B, Tl, K, G, Hv]), one [bq, bk] tile at a time."""
     pos = _positions(st, qs, blk, me, src)
     nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
+    fin = _finite_block(blk, qs.q.dtype)
 
     def q_tile(i, carry):
         q = _rows(qs.q, i, st.bq)  # [B, bq, K, G, H]
@@ -482,17 +518,14 @@ def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
             t = _tile(st, qs, blk, pos, i, j)
             kind, mod = _kind_and_mod(st, qs, t)
 
-            def one_head(m, l, acc, q, k, v, mask, bh):
-                if st.score_mod is None:
-                    return blockwise.forward_block((m, l, acc), q, k, v, None, mask, None, st.scale, st.cap)
-                return _score_tiles.forward_block(
-                    (m, l, acc), q, k, v, mask, _score(st, t)(bh), qs.consts, st.scale, st.cap)
+            def one_head(m, l, acc, q, k, v, k_nan, v_nan, mask, bh):
+                return kernel.forward_tile((m, l, acc), q, k, v, k_nan, v_nan, _score(st, t, bh, False), qs.consts,
+                                           _logits_fn(st, mask, False))
 
             def fold(state, structural):
                 mask = _tile_mask(st, qs, t, structural, mod)
-                k = _rows(blk.k, j, st.bk).astype(q.dtype)  # [B, bk, K, H]
-                v = _rows(blk.v, j, st.bk).astype(q.dtype)  # [B, bk, K, Hv]
-                return _over_heads(one_head, 4, 2, False)(*state, q, k, v, mask, qs.heads)
+                kv = (_rows(x, j, st.bk) for x in fin)  # [B, bk, K, H], [B, bk, K, Hv], [B, bk, K] x 2
+                return _over_heads(one_head, 4, 4, False)(*state, q, *kv, mask, qs.heads)
 
             return _switch(st, kind, fold, state)
 
@@ -507,28 +540,26 @@ def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
 
 def _backward_step(st: _Static, qs: _Queries, res, stays, dkv, blk: _Block, me, src):
     """Add the gradients of every tile against the block of device ``src``: ``stays`` = (dq
-    [B, Tl, K, G, H], d_consts: the score_mod's consts' gradients, None for integer ones) stay
+    [B, Tl, K, G, H], d_consts: the gradients of the score_mod's floating consts) stay
     here, dkv = (dk [B, Sl, K, H], dv [B, Sl, K, Hv]) belongs to the block."""
-    do, lse, delta = res  # [B, Tl, K, G, Hv], [B, Tl, K, G], [B, Tl, K, G]
+    do, lse, delta = res  # [B, Tl, K, G, Hv], [B, Tl, K, G] (+inf where it was -inf), [B, Tl, K, G]
     pos = _positions(st, qs, blk, me, src)
     nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
+    fin = _finite_block(blk, qs.q.dtype)
 
     def k_tile(j, grads):
         (dq, dc), (dk, dv) = grads
-        k = _rows(blk.k, j, st.bk).astype(qs.q.dtype)  # [B, bk, K, H]
-        v = _rows(blk.v, j, st.bk).astype(qs.q.dtype)  # [B, bk, K, Hv]
+        k, v = _rows(fin.k, j, st.bk), _rows(fin.v, j, st.bk)  # [B, bk, K, H], [B, bk, K, Hv]
 
         def q_tile(i, inner):
             t = _tile(st, qs, blk, pos, i, j)
             kind, mod = _kind_and_mod(st, qs, t)
 
             def one_head(q, do, lse, delta, k, v, mask, bh):
-                if st.score_mod is None:
-                    dq, dk, dv, _ = blockwise.backward_block(
-                        q, k, v, do, lse, delta, None, mask, None, st.scale, st.cap)
-                    return dq, dk, dv, ()
-                return _score_tiles.backward_block(
-                    q, k, v, do, lse, delta, mask, _score(st, t)(bh), qs.consts, st.scale, st.cap)
+                dk, dv, dq_t, _, dc = kernel.backward_tile(
+                    jnp.zeros_like(k), jnp.zeros_like(v), q, do, lse, delta, k, k.T, v,
+                    _score(st, t, bh, True), qs.consts, _logits_fn(st, mask, True), st.scale)
+                return dq_t.T, dk, dv, dc  # [bq, H], [bk, H], [bk, Hv], floating consts' gradients
 
             def grad(inner, structural):
                 dq, dc, dk_j, dv_j = inner
@@ -537,7 +568,7 @@ def _backward_step(st: _Static, qs: _Queries, res, stays, dkv, blk: _Block, me, 
                     _rows(qs.q, i, st.bq), _rows(do, i, st.bq), _rows(lse, i, st.bq), _rows(delta, i, st.bq),
                     k, v, mask, qs.heads,
                 )
-                dc = tuple(a if b is None else a + b for a, b in zip(dc, dc_t))
+                dc = tuple(a + b for a, b in zip(dc, dc_t))
                 return _put_rows(dq, _rows(dq, i, st.bq) + dq_t, i, st.bq), dc, dk_j + dk_t, dv_j + dv_t
 
             return _switch(st, kind, grad, inner)
@@ -611,24 +642,24 @@ def _queries(st: _Static, q, q_len, kv_len, q_seg, consts) -> _Queries:
     zero = jnp.zeros_like(jnp.sum(q[..., :0]), dtype=jnp.int32)  # [] 0 varying like q
     consts = tuple(c + zero.astype(jnp.result_type(c)) for c in consts)
     heads = _global_heads(st, B, K, G) + zero  # [B, K, G, 2]
-    return _Queries(q.astype(_compute_dtype(q.dtype)), q_len, kv_len, q_seg, heads, consts)
+    q = q.astype(_compute_dtype(q.dtype))
+    q_nan = _finite.nan_rows(q, q.dtype)  # [B, Tl, K, G]
+    return _Queries(_finite.zeroed(q) * st.scale, q_len, kv_len, q_seg, heads, consts, q_nan)
 
 
 def _forward(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg, consts):
     """q [B, Tl, K, G, H] -> (out [B, Tl, K, G, Hv], lse [B, Tl, K, G]) in the compute dtype."""
-    B, Tl, K, G, _ = q.shape
+    B, Tl, K, G, H = q.shape
     Hv = v.shape[-1]
     qs = _queries(st, q, q_len, kv_len, q_seg, consts)
-    # The empty online-softmax state; *_like keeps the shard_map variance of q.
-    m = jnp.full_like(jnp.sum(qs.q, axis=-1), -jnp.inf)  # [B, Tl, K, G]; H may be 0
-    l = jnp.zeros_like(m)  # [B, Tl, K, G]
-    acc = jnp.zeros_like(m, shape=m.shape + (Hv,))  # [B, Tl, K, G, Hv]
+    rows = kernel.init_carry(qs.q.reshape(-1, H), Hv)  # the empty state, rows flat; varies like q
+    carry = tuple(x.reshape((B, Tl, K, G) + x.shape[1:]) for x in rows)  # [B, Tl, K, G(, Hv)]
 
     def step(carry, travels, blk, me, src):
         return _forward_step(st, qs, carry, blk, me, src), travels
 
-    (m, l, acc), _ = _ring_loop(st, _Block(k, v, kv_seg), step, (m, l, acc), ())
-    out, lse = blockwise.finalize((m.reshape(-1), l.reshape(-1), acc.reshape(-1, Hv)))  # rows flat
+    (m, l, acc), _ = _ring_loop(st, _Block(k, v, kv_seg), step, carry, ())
+    out, lse = kernel.finalize_rows((m.reshape(-1), l.reshape(-1), acc.reshape(-1, Hv)), qs.q_nan.reshape(-1))
     return out.reshape(B, Tl, K, G, Hv), lse.reshape(B, Tl, K, G)
 
 
@@ -651,7 +682,7 @@ def _floating(x) -> bool:
 def _sum_over_devices(d, like):
     """``d`` (computed from this device's shards) summed over the mesh axes over which it
     varies and ``like`` (the primal it is the gradient of) does not."""
-    axes = tuple(sorted(_score_tiles.varying_axes(d) - _score_tiles.varying_axes(like), key=str))
+    axes = tuple(sorted(convert.varying_axes(d) - convert.varying_axes(like), key=str))
     return jax.lax.psum(d, axes) if axes else d
 
 
@@ -661,16 +692,19 @@ def _ring_bwd(st: _Static, res, d_out):
     qs = _queries(st, q, q_len, kv_len, q_seg, consts)
     do = d_out.astype(cd)  # [B, Tl, K, G, Hv]
     delta = jnp.sum(do * out.astype(cd), axis=-1)  # [B, Tl, K, G]
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [B, Tl, K, G]; rows that saw nothing get P = 0
     dq = jnp.zeros_like(qs.q)  # [B, Tl, K, G, H]
     zero = jnp.zeros_like(jnp.sum(qs.q[..., :0]))  # [] 0 varying like q (a loop carry must)
-    dc = tuple(jnp.zeros_like(c) + zero.astype(jnp.result_type(c)) if _floating(c) else None for c in consts)
+    floats = [c for c in consts if _floating(c)]
+    dc = tuple(jnp.zeros_like(c) + zero.astype(jnp.result_type(c)) for c in floats)
     dkv = (jnp.zeros_like(k, dtype=cd), jnp.zeros_like(v, dtype=cd))  # [B, Sl, K, H|Hv]
 
     def step(stays, dkv, blk, me, src):
         return _backward_step(st, qs, (do, lse, delta), stays, dkv, blk, me, src)
 
     (dq, dc), (dk, dv) = _ring_loop(st, _Block(k, v, kv_seg), step, (dq, dc), dkv)
-    dc = tuple(None if d is None else _sum_over_devices(d, c).astype(jnp.result_type(c)) for d, c in zip(dc, consts))
+    it = iter(_sum_over_devices(d, c).astype(jnp.result_type(c)) for d, c in zip(dc, floats))
+    dc = tuple(next(it) if _floating(c) else None for c in consts)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, dc
 
 
