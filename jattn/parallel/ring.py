@@ -652,14 +652,15 @@ def _forward(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg, consts):
     B, Tl, K, G, H = q.shape
     Hv = v.shape[-1]
     qs = _queries(st, q, q_len, kv_len, q_seg, consts)
-    rows = kernel.init_carry(qs.q.reshape(-1, H), Hv)  # the empty state, rows flat; varies like q
-    carry = tuple(x.reshape((B, Tl, K, G) + x.shape[1:]) for x in rows)  # [B, Tl, K, G(, Hv)]
+    rows = B * Tl * K * G  # the state's rows, flat for the tile steps
+    carry = kernel.init_carry(qs.q.reshape(rows, H), Hv)  # the empty state; varies like q
+    carry = tuple(x.reshape((B, Tl, K, G) + x.shape[1:]) for x in carry)  # [B, Tl, K, G(, Hv)]
 
     def step(carry, travels, blk, me, src):
         return _forward_step(st, qs, carry, blk, me, src), travels
 
     (m, l, acc), _ = _ring_loop(st, _Block(k, v, kv_seg), step, carry, ())
-    out, lse = kernel.finalize_rows((m.reshape(-1), l.reshape(-1), acc.reshape(-1, Hv)), qs.q_nan.reshape(-1))
+    out, lse = kernel.finalize_rows((m.reshape(rows), l.reshape(rows), acc.reshape(rows, Hv)), qs.q_nan.reshape(rows))
     return out.reshape(B, Tl, K, G, Hv), lse.reshape(B, Tl, K, G)
 
 
