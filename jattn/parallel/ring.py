@@ -249,7 +249,7 @@ def _hops(is_causal: bool, window, layout: str, P: int, Tl: int, Sl: int) -> tup
 class _Queries(NamedTuple):
     """What stays on the device: the query block, the per-example masks and the mods' inputs."""
 
-    q: jax.Array  # [B, Tl, K, G, H]: finite (``_finite.zeroed``) times the scale, compute dtype
+    q: jax.Array  # [B, Tl, K, G, H] in the compute dtype
     q_len: jax.Array | None  # [B]
     kv_len: jax.Array | None  # [B]
     q_seg: jax.Array | None  # [B, Tl]
@@ -381,19 +381,12 @@ def _logits_fn(st: _Static, mask, kv_major: bool):
     return logits_fn
 
 
-class _Finite(NamedTuple):
-    """The key/value block that is here with non-finite entries zeroed, in the compute dtype."""
-
-    k: jax.Array  # [B, Sl, K, H]
-    v: jax.Array  # [B, Sl, K, Hv]
-    k_nan: jax.Array  # [B, Sl, K]: NaN where the key row was non-finite, else 0
-    v_nan: jax.Array  # [B, Sl, K]
-
-
-def _finite_block(blk: "_Block", dtype) -> _Finite:
-    """Once per ring step: the block's rows as the flex tile steps take them."""
-    k, v = blk.k.astype(dtype), blk.v.astype(dtype)
-    return _Finite(_finite.zeroed(k), _finite.zeroed(v), _finite.nan_rows(k, dtype), _finite.nan_rows(v, dtype))
+def _finite_rows(x, i, size: int, dtype):
+    """Rows ``[i·size, (i+1)·size)`` of ``x [B, L, K, d]`` as the flex tile steps take them:
+    (``[B, size, K, d]`` in ``dtype``, non-finite entries zeroed; ``[B, size, K]`` NaN where the
+    row was non-finite, else 0). Per tile, so that no finite copy of a whole block is held."""
+    x = _rows(x, i, size).astype(dtype)
+    return _finite.zeroed(x), _finite.nan_rows(x, dtype)
 
 
 def _shared_mask(st: _Static, qs: _Queries, t: _Tile, structural: bool):
@@ -509,10 +502,9 @@ def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
     (m, l [B, Tl, K, G], acc [B, Tl, K, G, Hv]), one [bq, bk] tile at a time."""
     pos = _positions(st, qs, blk, me, src)
     nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
-    fin = _finite_block(blk, qs.q.dtype)
 
     def q_tile(i, carry):
-        q = _rows(qs.q, i, st.bq)  # [B, bq, K, G, H]
+        q = _finite.zeroed(_rows(qs.q, i, st.bq)) * st.scale  # [B, bq, K, G, H]
 
         def k_tile(j, state):
             t = _tile(st, qs, blk, pos, i, j)
@@ -524,8 +516,8 @@ def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
 
             def fold(state, structural):
                 mask = _tile_mask(st, qs, t, structural, mod)
-                kv = (_rows(x, j, st.bk) for x in fin)  # [B, bk, K, H], [B, bk, K, Hv], [B, bk, K] x 2
-                return _over_heads(one_head, 4, 4, False)(*state, q, *kv, mask, qs.heads)
+                (k, k_nan), (v, v_nan) = (_finite_rows(x, j, st.bk, q.dtype) for x in (blk.k, blk.v))
+                return _over_heads(one_head, 4, 4, False)(*state, q, k, v, k_nan, v_nan, mask, qs.heads)
 
             return _switch(st, kind, fold, state)
 
@@ -545,11 +537,10 @@ def _backward_step(st: _Static, qs: _Queries, res, stays, dkv, blk: _Block, me, 
     do, lse, delta = res  # [B, Tl, K, G, Hv], [B, Tl, K, G] (+inf where it was -inf), [B, Tl, K, G]
     pos = _positions(st, qs, blk, me, src)
     nq, nk = qs.q.shape[1] // st.bq, blk.k.shape[1] // st.bk
-    fin = _finite_block(blk, qs.q.dtype)
 
     def k_tile(j, grads):
         (dq, dc), (dk, dv) = grads
-        k, v = _rows(fin.k, j, st.bk), _rows(fin.v, j, st.bk)  # [B, bk, K, H], [B, bk, K, Hv]
+        (k, _), (v, _) = (_finite_rows(x, j, st.bk, qs.q.dtype) for x in (blk.k, blk.v))  # [B, bk, K, H|Hv]
 
         def q_tile(i, inner):
             t = _tile(st, qs, blk, pos, i, j)
@@ -564,8 +555,9 @@ def _backward_step(st: _Static, qs: _Queries, res, stays, dkv, blk: _Block, me, 
             def grad(inner, structural):
                 dq, dc, dk_j, dv_j = inner
                 mask = _tile_mask(st, qs, t, structural, mod)
+                q = _finite.zeroed(_rows(qs.q, i, st.bq)) * st.scale  # [B, bq, K, G, H]
                 dq_t, dk_t, dv_t, dc_t = _over_heads(one_head, 4, 2, True)(
-                    _rows(qs.q, i, st.bq), _rows(do, i, st.bq), _rows(lse, i, st.bq), _rows(delta, i, st.bq),
+                    q, _rows(do, i, st.bq), _rows(lse, i, st.bq), _rows(delta, i, st.bq),
                     k, v, mask, qs.heads,
                 )
                 dc = tuple(a + b for a, b in zip(dc, dc_t))
@@ -643,8 +635,7 @@ def _queries(st: _Static, q, q_len, kv_len, q_seg, consts) -> _Queries:
     consts = tuple(c + zero.astype(jnp.result_type(c)) for c in consts)
     heads = _global_heads(st, B, K, G) + zero  # [B, K, G, 2]
     q = q.astype(_compute_dtype(q.dtype))
-    q_nan = _finite.nan_rows(q, q.dtype)  # [B, Tl, K, G]
-    return _Queries(_finite.zeroed(q) * st.scale, q_len, kv_len, q_seg, heads, consts, q_nan)
+    return _Queries(q, q_len, kv_len, q_seg, heads, consts, _finite.nan_rows(q, q.dtype))  # q_nan [B, Tl, K, G]
 
 
 def _forward(st: _Static, q, k, v, q_len, kv_len, q_seg, kv_seg, consts):
