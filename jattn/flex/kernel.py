@@ -10,26 +10,25 @@ is hidden by ``mask_mod``, the dense mask, a ``-inf`` bias or a ``-inf`` score_m
 
 Forward: for each query block i, an online softmax (``forward_tile``) over the key blocks its
 row of the block mask lists: first the partial ones (``mask_mod`` and padding evaluated on the
-tile), then the full ones (no mask evaluation). Each list is a loop of ``count`` steps
-(``jattn.flex.lift`` runs heads and batch rows one after another, each with its own counts;
-under a ``vmap`` a batched count becomes a batched loop bound: the maximum count, never all
-blocks). Backward (FlashAttention-2): for each key block j, the query blocks of the
-transposed view, on key-major tiles [bk, bq] (``backward_tile``); dK, dV per key block, dQ,
-dbias and the gradients of the score_mod's closed-over arrays in carries.
+tile), then the full ones (no mask evaluation). Each list is a loop of ``count`` steps; under
+``vmap`` over heads and batch a batched count becomes a batched loop bound and JAX runs the
+maximum count, never all blocks. Backward (FlashAttention-2): for each key block j, the query
+blocks of the transposed view, on key-major tiles [bk, bq] (``backward_tile``); dK, dV per key
+block, dQ, dbias and the gradients of the score_mod's closed-over arrays in carries.
 
 Tile steps: ``init_carry``, ``forward_tile``, ``finalize_rows`` and ``backward_tile`` are the
 whole per-tile algorithm; they know a tile only through the callables that give its scores
 (``score``) and its logits and visibility (``logits_fn``), so sequence-parallel ring attention
 (``jattn.parallel.ring``) runs its tiles with them too: one tile implementation in jattn.
 
-Layout: q, k, v of a head (non-finite entries zeroed, q scaled) are held once per call, and
-the backward reuses them from the forward. Score tiles contract two blocks over the head dim
-(q kᵀ, and k qᵀ / v dOᵀ key-major in the backward): XLA:CPU transposes the small rhs block
-inside the slice that fetches it, which measured as fast as slicing a whole-array transposed
-copy, without that copy's pass and temp memory (at T = 16384 the documents fwd+bwd temp went
-from 322 to 225 MiB). dQ is accumulated transposed ([d_k, Tp], Kᵀ dSᵀ with the key block
-transposed once per key block): a transposed lhs falls off XLA:CPU's fast matmul (1.6x its
-time measured on [8, 128, 128] tiles).
+Layout: under ``vmap`` over heads, q, k, v (non-finite entries zeroed, q scaled) are held
+head-major once per call, and the backward reuses them from the forward. Score tiles contract
+two head-major blocks over the head dim (q kᵀ, and k qᵀ / v dOᵀ key-major in the backward):
+XLA:CPU transposes the small rhs block inside the slice that fetches it, which measured as fast
+as slicing a whole-array transposed copy, without that copy's pass and temp memory (at
+T = 16384 the documents fwd+bwd temp went from 322 to 225 MiB). dQ is accumulated transposed
+([d_k, Tp], Kᵀ dSᵀ with the key block transposed once per key block): a transposed lhs
+falls off XLA:CPU's fast matmul (1.6x its time measured on [8, 128, 128] tiles).
 
 Semantics: NaN is not hidden and propagates to the rows that see it; a NaN or inf in a q, k
 or v row that a row cannot see never reaches that row (``jattn.core._finite``): such entries are
