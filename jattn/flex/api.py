@@ -4,8 +4,8 @@ Shape glossary: B batch (leading dims flattened), T query length, S key length, 
 heads, K key/value heads, G = N/K, H key head dim, Hv value head dim, nq/nk query/key blocks.
 
 The single-head kernel (``'chunked'``: block-sparse, memory-linear; ``'xla'``: dense
-reference) is lifted over the G query heads sharing a kv head, the K kv heads and the batch
-(``jattn.flex.lift``), as in ``jattn.dot_product_attention``. The mods receive global indices:
+reference) is lifted with ``jax.vmap`` over the G query heads sharing a kv head, the K kv
+heads and the batch, as in ``jattn.dot_product_attention``. The mods receive global indices:
 ``b`` the flattened batch row, ``h`` the query head (0..N-1), ``q_idx``/``kv_idx`` positions.
 """
 
@@ -28,11 +28,11 @@ IMPLEMENTATIONS = (None, "xla", "chunked")
 def default_block_size(T: int, S: int) -> tuple[int, int]:
     """Tiles of a block mask built by ``flex_attention`` itself: ``'chunked'``'s defaults.
 
-    (512, 128) from T = 1024 on, (256, 128) below, shrunk to short inputs: one head's tile
-    stays in the CPU's L2 cache and keeps its matmuls efficient; pass a ``block_mask`` with ``block_size=128`` for patterns
+    (512, 256) from T = 1024 on, (256, 256) below, shrunk to short inputs: large tiles keep
+    the CPU's matmuls efficient; pass a ``block_mask`` with ``block_size=128`` for patterns
     whose sparsity is finer (many short documents).
     """
-    return min(512 if T >= 1024 else 256, T), min(128, S)
+    return min(512 if T >= 1024 else 256, T), min(256, S)
 
 
 def _check_block_mask(bm, B: int, N: int, T: int, S: int):

@@ -1,13 +1,4 @@
-"""The single-head flex kernels lifted over query heads, kv heads and batch.
-
-The dense kernel is lifted with ``jax.vmap``. The block-sparse one runs its heads one after
-another (``_map``: ``lax.map`` with ``vmap``'s axis conventions): each loop step then works on
-one head's [bq, bk] tile, which stays in the core's L2 cache, where under ``vmap`` every step
-worked on [N, bq, bk] (4 MiB for N = 8 and (512, 256) tiles) and each of its passes (scores,
-row max, exp, row sum, P·V) went out to L3. Measured on the 2-core CPU (fp32, N = 8, H = 64,
-T = 2048, one core, process CPU time): forward 178 ms with (512, 128) tiles head by head vs
-212 ms with (512, 256) tiles under ``vmap``, forward+backward 509 vs 655 ms. Each head (and
-batch row) also runs its own count of visible blocks, not the largest count of all heads.
+"""The single-head flex kernels lifted over query heads, kv heads and batch with ``jax.vmap``.
 
 Shape glossary: B batch (flattened), T query length, S key length, K kv heads, G query heads
 per kv head (N = K·G), H key head dim, Hv value head dim, Tp/Sp lengths padded to block
@@ -61,30 +52,6 @@ def dense(mods, scale, q, k, v, s_consts, m_consts):
     return over_b(q, k, v, *_head_ids(B, K, G))
 
 
-def _map(f, in_axes, out_axes=0):
-    """``jax.vmap(f, in_axes, out_axes)`` computed as a ``lax.map`` over the mapped axis: one
-    slice after another. Arguments with axis None (and None arguments) are closed over."""
-
-    def mapped(*args):
-        axes = jax.tree.leaves(jax.tree.broadcast(in_axes, args, is_leaf=_is_none), is_leaf=_is_none)
-        leaves, tree = jax.tree.flatten(args, is_leaf=_is_none)
-        take = [x is not None and ax is not None for x, ax in zip(leaves, axes)]
-        xs = [jnp.moveaxis(x, ax, 0) for x, ax, t in zip(leaves, axes, take) if t]  # mapped axis first
-
-        def one(xs):
-            it = iter(xs)
-            return f(*jax.tree.unflatten(tree, [next(it) if t else x for x, t in zip(leaves, take)]))
-
-        outs = jax.lax.map(one, xs)
-        return jax.tree.map(lambda o, ax: jnp.moveaxis(o, 0, ax), outs, jax.tree.broadcast(out_axes, outs))
-
-    return mapped
-
-
-def _is_none(x):
-    return x is None
-
-
 def chunked(st: Static, q, k, v, mask, bias, s_consts, m_consts, rows: Rows):
     """Block-sparse: like ``dense``, plus ``mask``/``bias`` [Bm, Km, Gm, T, S] or None and
     ``rows``, the BlockMask arrays [Bm, Nm, ...]. Returns out [B, T, K, G, Hv], lse [B, T, K, G]."""
@@ -106,12 +73,8 @@ def chunked(st: Static, q, k, v, mask, bias, s_consts, m_consts, rows: Rows):
     def one_head(q, k, v, mask, bias, b, h, r):
         return flex_head(st, Inputs(q, k, v, mask, bias, b, h, s_consts, m_consts), r)
 
-    # Head-major once per call, so that every map below slices its leading axis.
-    q = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, Tp, H]
-    k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))  # [B, K, Sp, H], [B, K, Sp, Hv]
-    over_g = _map(one_head, in_axes=(0, None, None, mg, bg, None, 0, rg))
-    over_k = _map(over_g, in_axes=(0, 0, 0, mk, bk_, None, 0, rk))
-    over_b = _map(over_k, in_axes=(0, 0, 0, mb, bb, 0, None, rb))
-    out, lse = over_b(q, k, v, mask, bias, *_head_ids(B, K, G), rows)  # [B, K, G, Tp, Hv], [B, K, G, Tp]
-    out, lse = jnp.transpose(out, (0, 3, 1, 2, 4)), jnp.transpose(lse, (0, 3, 1, 2))
+    over_g = jax.vmap(one_head, in_axes=(1, None, None, mg, bg, None, 0, rg), out_axes=(1, 1))
+    over_k = jax.vmap(over_g, in_axes=(1, 1, 1, mk, bk_, None, 0, rk), out_axes=(1, 1))
+    over_b = jax.vmap(over_k, in_axes=(0, 0, 0, mb, bb, 0, None, rb))
+    out, lse = over_b(q, k, v, mask, bias, *_head_ids(B, K, G), rows)
     return out[:, :T], lse[:, :T]  # [B, T, K, G, Hv], [B, T, K, G]

@@ -12,8 +12,8 @@ only translates the built-in features into its terms:
 - static patterns (causal, window) get their ``BlockMask`` analytically (``static_block_flags``:
   NumPy at trace time, no mask evaluation), and so do lengths (``length_block_flags``: the
   same corner test per batch row, in JAX); segments get it from the jittable
-  ``create_block_mask``; data-dependent masks are per batch row, and each row (and head) runs
-  its own count of visible blocks (``jattn.flex.lift`` maps over them one after another);
+  ``create_block_mask``; data-dependent masks are per batch row, so that under ``vmap`` the
+  loops run the largest count of visible blocks, never all blocks;
 - the dense ``mask`` and ``bias`` arrays enter the loop tile by tile.
 
 Not supported here (``jattn.dispatch`` falls back to ``'xla'``): returned weights and dropout.
@@ -31,11 +31,11 @@ from jattn.flex.block_mask import block_arrays, create_block_mask
 from jattn.flex.kernel import Rows, Static
 
 # Measured on a 2-core CPU (fp32, N=8, H=64): 512-row query blocks cut the forward time by
-# 30-45% from T=1024 on; for shorter queries 256 rows keep the backward fastest. With the heads
-# run one after another (``jattn.flex.lift``), at T=2048 on one core (process CPU time, min of
-# 3-4 interleaved rounds): (512, 128) tiles 178 ms forward, 509 ms forward+backward; (256, 256)
-# 187 / 546; (256, 128) 190 / 553; the earlier (512, 256) tiles under vmap 212 / 655.
-DEFAULT_BLOCK_KV = 128
+# 30-45% from T=1024 on; for shorter queries 256 rows keep the backward fastest. Re-measured
+# with the key-major backward (T=2048, process CPU time, min of 3): (512, 256) is the fastest
+# forward and ties (512, 128) for the fastest backward among (256, 128), (256, 256), (512, 128),
+# (512, 512), (1024, 256); at T=4096, (128, 128) tiles take 1.2x the CPU time of (512, 256).
+DEFAULT_BLOCK_KV = 256
 
 
 def block_sizes_for(T: int, S: int, block_sizes: tuple[int, int] | None) -> tuple[int, int]:
