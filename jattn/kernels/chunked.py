@@ -35,6 +35,11 @@ from jattn.flex.kernel import Rows, Static
 # with the key-major backward (T=2048, process CPU time, min of 3): (512, 256) is the fastest
 # forward and ties (512, 128) for the fastest backward among (256, 128), (256, 256), (512, 128),
 # (512, 512), (1024, 256); at T=4096, (128, 128) tiles take 1.2x the CPU time of (512, 256).
+# Tried and reverted: running the heads one after another (``lax.map`` instead of ``vmap`` in
+# ``jattn.flex.lift``) with (512, 128) tiles, so that each step's tile fits in L2. On one core
+# it needs less CPU (T=2048: 178 vs 212 ms forward, 509 vs 655 ms forward+backward), but one
+# head's ops are too small for XLA:CPU to split over both cores: on the idle 2-core machine
+# T=4096 forward took 739 ms vs 491 ms with vmap (torch 326 ms), same-run wall time.
 DEFAULT_BLOCK_KV = 256
 
 
