@@ -540,7 +540,7 @@ def _backward_step(st: _Static, qs: _Queries, res, stays, dkv, blk: _Block, me, 
 
     def k_tile(j, grads):
         (dq, dc), (dk, dv) = grads
-        (k, _), (v, _) = (_finite_rows(x, j, st.bk, qs.q.dtype) for x in (blk.k, blk.v))  # [B, bk, K, H|Hv]
+        k, v = (_finite.zeroed(_rows(x, j, st.bk).astype(qs.q.dtype)) for x in (blk.k, blk.v))  # [B, bk, K, H|Hv]
 
         def q_tile(i, inner):
             t = _tile(st, qs, blk, pos, i, j)
