@@ -1,7 +1,7 @@
-"""Block-sparse flash attention for one head, driven by a ``BlockMask`` row: jattn's one loop.
+"""Block-sparse flash attention for the heads of one batch row that share a ``BlockMask`` row: jattn's one loop.
 
-Shape glossary: Tp/Sp query/key lengths padded to block multiples, bq/bk block sizes,
-nq = Tp/bq, nk = Sp/bk, d_k key head dim, d_v value head dim.
+Shape glossary: K kv heads, G query heads per kv head, Tp/Sp query/key lengths padded to block
+multiples, bq/bk block sizes, nq = Tp/bq, nk = Sp/bk, d_k key head dim, d_v value head dim.
 
 Both ``flex_attention`` and ``dot_product_attention(implementation='chunked')`` run here: the
 latter's built-ins are ready-made mods (``jattn.kernels.chunked``) and its dense ``mask``/``bias``
@@ -11,24 +11,29 @@ is hidden by ``mask_mod``, the dense mask, a ``-inf`` bias or a ``-inf`` score_m
 Forward: for each query block i, an online softmax (``forward_tile``) over the key blocks its
 row of the block mask lists: first the partial ones (``mask_mod`` and padding evaluated on the
 tile), then the full ones (no mask evaluation). Each list is a loop of ``count`` steps; under
-``vmap`` over heads and batch a batched count becomes a batched loop bound and JAX runs the
-maximum count, never all blocks. Backward (FlashAttention-2): for each key block j, the query
-blocks of the transposed view, on key-major tiles [bk, bq] (``backward_tile``); dK, dV per key
-block, dQ, dbias and the gradients of the score_mod's closed-over arrays in carries.
+``vmap`` over batch rows (or heads, for a per-head block mask) a batched count becomes a
+batched loop bound and JAX runs the maximum count, never all blocks. Backward
+(FlashAttention-2): for each key block j, the query blocks of the transposed view, on key-major
+tiles [bk, bq] (``backward_tile``); dK, dV per key block, dQ, dbias and the gradients of the
+score_mod's closed-over arrays in carries.
 
 Tile steps: ``init_carry``, ``forward_tile``, ``finalize_rows`` and ``backward_tile`` are the
-whole per-tile algorithm; they know a tile only through the callables that give its scores
-(``score``) and its logits and visibility (``logits_fn``), so sequence-parallel ring attention
-(``jattn.parallel.ring``) runs its tiles with them too: one tile implementation in jattn.
+whole per-tile algorithm, written for one head; they know a tile only through the callables
+that give its scores (``score``) and its logits and visibility (``logits_fn``), so
+sequence-parallel ring attention (``jattn.parallel.ring``) runs its tiles with them too: one
+tile implementation in jattn. Here they are vmapped over the K·G heads inside the loops.
 
-Layout: under ``vmap`` over heads, q, k, v (non-finite entries zeroed, q scaled) are held
-head-major once per call, and the backward reuses them from the forward. Score tiles contract
-two head-major blocks over the head dim (q kᵀ, and k qᵀ / v dOᵀ key-major in the backward):
-XLA:CPU transposes the small rhs block inside the slice that fetches it, which measured as fast
-as slicing a whole-array transposed copy, without that copy's pass and temp memory (at
-T = 16384 the documents fwd+bwd temp went from 322 to 225 MiB). dQ is accumulated transposed
-([d_k, Tp], Kᵀ dSᵀ with the key block transposed once per key block): a transposed lhs
-falls off XLA:CPU's fast matmul (1.6x its time measured on [8, 128, 128] tiles).
+Layout: the loops slice each tile from q [Tp, K, G, d_k], k, v [Sp, K, d] as they come (a
+tile's rows are contiguous there), zero its non-finite entries (and scale q) and put its head
+axes first: no head-major copy of q, k or v and no whole-array zeroing pass, only one
+reduction per call that flags the non-finite rows; the backward slices the same inputs
+again. A whole-array copy costs its passes and, since XLA:CPU allocates a call's temp memory
+anew each call, the page faults of its fresh pages: at T = 8192 (N = 8, H = 64) the head-major
+copies made 64 of a 65 MiB forward temp and ~55 ms of a call that visits no tile (now ~5 ms).
+Score tiles contract two head-first blocks over the head dim (q kᵀ, and k qᵀ / v dOᵀ key-major
+in the backward). dQ is accumulated transposed ([K, G, d_k, Tp], Kᵀ dSᵀ with the key block
+transposed once per key block): a transposed lhs falls off XLA:CPU's fast matmul (1.6x its
+time measured on [8, 128, 128] tiles).
 
 Semantics: NaN is not hidden and propagates to the rows that see it; a NaN or inf in a q, k
 or v row that a row cannot see never reaches that row (``jattn.core._finite``): such entries are
@@ -79,34 +84,19 @@ class Rows(NamedTuple):
 
 
 class Inputs(NamedTuple):
-    """Padded inputs of one head, the mods' index arguments and their consts."""
+    """Padded inputs of the query heads of one batch row that share a block-mask row (K kv heads,
+    G query heads each; K = G = 1 when the block mask differs per head), the mods' index
+    arguments and their consts."""
 
-    q: jax.Array  # [Tp, d_k]
-    k: jax.Array  # [Sp, d_k]
-    v: jax.Array  # [Sp, d_v]
-    mask: jax.Array | None  # [Tp, Sp] bool (dense mask, False where padded)
-    bias: jax.Array | None  # [Tp, Sp] (dense bias, 0 where padded)
+    q: jax.Array  # [Tp, K, G, d_k]
+    k: jax.Array  # [Sp, K, d_k]
+    v: jax.Array  # [Sp, K, d_v]
+    mask: jax.Array | None  # [Km, Gm, Tp, Sp] bool (dense mask, False where padded); (Km, Gm) = (1, 1) or (K, G)
+    bias: jax.Array | None  # [Km, Gm, Tp, Sp] (dense bias, 0 where padded)
     b: jax.Array  # [] int32
-    h: jax.Array  # [] int32
+    h: jax.Array  # [K, G] int32: the query heads
     score_consts: tuple  # arrays the score_mod closed over
     mask_consts: tuple  # arrays the mask_mod closed over
-
-
-class _Finite(NamedTuple):
-    """q, k, v with non-finite entries zeroed (q also scaled) and which rows were non-finite."""
-
-    q: jax.Array  # [Tp, d_k]: q · scale
-    k: jax.Array  # [Sp, d_k]
-    v: jax.Array  # [Sp, d_v]
-    q_nan: jax.Array  # [Tp]: NaN where the row was non-finite, else 0 (``_finite.nan_rows``)
-    k_nan: jax.Array  # [Sp]
-    v_nan: jax.Array  # [Sp]
-
-
-def _split(st: Static, a: Inputs) -> _Finite:
-    """Once per head: scaling q here keeps each [bq, bk] score tile a bare q kᵀ."""
-    nan = [_finite.nan_rows(x, x.dtype) for x in (a.q, a.k, a.v)]  # [Tp], [Sp], [Sp]
-    return _Finite(_finite.zeroed(a.q) * st.scale, _finite.zeroed(a.k), _finite.zeroed(a.v), *nan)
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,7 +219,7 @@ def backward_tile(dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_bl
 
 
 # ----------------------------------------------------------------------------------------
-# The block-sparse loop of one head.
+# The block-sparse loop over the heads that share a block-mask row.
 # ----------------------------------------------------------------------------------------
 
 
@@ -237,15 +227,41 @@ def _rows(x, i, size):
     return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=0)
 
 
-def _cols(x, i, size):
-    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
+def _heads_first(x, n_heads: int):
+    """Rows of a tile [L, <n_heads head axes>, ...] -> [<heads>, L, ...]: the head axes lead."""
+    return jnp.moveaxis(x, 0, n_heads)
 
 
-def _tile(x, i, j, st: Static, kv_major: bool):
+def _finite_tile(x, i, size, n_heads: int, scale=None):
+    """Rows ``i * size ...`` of q, k or v, head axes first, non-finite entries zeroed (the rows
+    are flagged by ``_finite.nan_rows`` on the whole array), times ``scale`` if given."""
+    tile = _finite.zeroed(_rows(x, i, size))  # [L, K, (G,) d]
+    return _heads_first(tile if scale is None else tile * scale, n_heads)  # [K, (G,) L, d]
+
+
+def _dense_tile(x, i, j, st: Static, kv_major: bool):
+    """Tile (i, j) of a dense mask/bias [Km, Gm, Tp, Sp] -> [Km, Gm, bq, bk] ([.., bk, bq]
+    when ``kv_major``), or [bq, bk] when it is shared by the heads (Km = Gm = 1)."""
     if x is None:
         return None
-    tile = jax.lax.dynamic_slice(x, (i * st.bq, j * st.bk), (st.bq, st.bk))  # [bq, bk]
-    return tile.T if kv_major else tile
+    tile = jax.lax.dynamic_slice(x, (0, 0, i * st.bq, j * st.bk), x.shape[:2] + (st.bq, st.bk))
+    tile = jnp.swapaxes(tile, 2, 3) if kv_major else tile
+    return tile[0, 0] if x.shape[:2] == (1, 1) else tile
+
+
+def _over_heads(fn, kinds):
+    """``fn`` of one head's tiles, vmapped over the heads [K, G, ...] of the batched arguments.
+
+    ``kinds`` per argument: ``"kg"`` (one per query head, [K, G, ...]), ``"k"`` (one per kv
+    head, [K, ...], shared by its G query heads), or None (shared by all heads).
+    """
+    inner = tuple(0 if kd == "kg" else None for kd in kinds)
+    outer = tuple(None if kd is None else 0 for kd in kinds)
+    return jax.vmap(jax.vmap(fn, in_axes=inner), in_axes=outer)
+
+
+def _dense_kind(x):
+    return None if x is None or x.shape[:2] == (1, 1) else "kg"
 
 
 def _ids(st: Static, i, j, kv_major: bool):
@@ -257,17 +273,17 @@ def _ids(st: Static, i, j, kv_major: bool):
     return jnp.minimum(q_ids, st.T - 1), jnp.minimum(kv_ids, st.S - 1), real
 
 
-def _score_fn(st: Static, a: Inputs, q_ids, kv_ids, kv_major: bool):
-    """(scores, score consts) -> modified scores, on a tile [bq, bk] ([bk, bq] when ``kv_major``)."""
+def _score_fn(st: Static, a: Inputs, h, q_ids, kv_ids, kv_major: bool):
+    """(scores, score consts) -> modified scores of head ``h``, on a tile [bq, bk] ([bk, bq] when ``kv_major``)."""
     if st.score_mod is None:
         return lambda s, consts: s
     return lambda s, consts: convert.on_tile(
-        st.score_mod, consts, s, a.b, a.h, q_ids, kv_ids, kv_major=kv_major).astype(s.dtype)
+        st.score_mod, consts, s, a.b, h, q_ids, kv_ids, kv_major=kv_major).astype(s.dtype)
 
 
-def _logits(st: Static, a: Inputs, i, j, partial: bool, q_ids, kv_ids, real, kv_major: bool, scores):
-    """(logits, visible or None) from the modified ``scores`` of tile (i, j): [bq, bk], or
-    [bk, bq] when ``kv_major`` (the backward's layout).
+def _logits(st: Static, a: Inputs, h, mask, bias, partial: bool, q_ids, kv_ids, real, kv_major: bool, scores):
+    """(logits, visible or None) of head ``h`` from its modified ``scores`` and its ``mask`` /
+    ``bias`` tiles (or None): [bq, bk], or [bk, bq] when ``kv_major`` (the backward's layout).
 
     Visibility comes from the scores (-inf hides), the dense mask and bias tiles, and on
     partial tiles the mask_mod and padding. Non-finite q/k rows are not added here as NaN
@@ -279,115 +295,142 @@ def _logits(st: Static, a: Inputs, i, j, partial: bool, q_ids, kv_ids, real, kv_
     if st.score_mod is not None:
         parts.append(scores != -jnp.inf)  # a score_mod hides an entry by returning -inf
     logits = scores
-    bias = _tile(a.bias, i, j, st, kv_major)
     if bias is not None:
         logits = logits + bias
         parts.append(bias != -jnp.inf)  # only -inf hides; a NaN bias propagates
-    mask = _tile(a.mask, i, j, st, kv_major)
     if mask is not None:
         parts.append(mask)
     if partial:
         parts.append(real)
         if st.mask_mod is not None:
-            parts.append(convert.on_tile(st.mask_mod, a.mask_consts, a.b, a.h, q_ids, kv_ids, kv_major=kv_major))
+            parts.append(convert.on_tile(st.mask_mod, a.mask_consts, a.b, h, q_ids, kv_ids, kv_major=kv_major))
     return logits, functools.reduce(jnp.logical_and, parts) if parts else None
 
 
-def _forward(st: Static, a: Inputs, f: _Finite, r: Rows):
-    nq = f.q.shape[0] // st.bq
-    d_v = f.v.shape[1]
+def _nan_flags(a: Inputs):
+    """Which rows of q [Tp, K, G], k [Sp, K], v [Sp, K] hold a non-finite entry (NaN, else 0):
+    reductions over the whole arrays, read once per call; the zeroing happens per tile."""
+    return tuple(_finite.nan_rows(x, x.dtype) for x in (a.q, a.k, a.v))
 
-    nk = f.k.shape[0] // st.bk
-    # Where every row sees every key of a tile, one value per key block says whether a row sees
-    # a non-finite key / value: no per-tile reduction over the rows' values.
-    k_blk_nan, v_blk_nan = (jnp.max(x.reshape(nk, st.bk), axis=-1) for x in (f.k_nan, f.v_nan))  # [nk]
+
+def _forward(st: Static, a: Inputs, r: Rows):
+    """(out [Tp, K, G, d_v], lse [Tp, K, G]): the online softmax of every query block."""
+    Tp, K, G, _ = a.q.shape
+    d_v = a.v.shape[-1]
+    nq, nk = Tp // st.bq, a.k.shape[0] // st.bk
+    q_nan, k_nan, v_nan = _nan_flags(a)  # [Tp, K, G], [Sp, K], [Sp, K]
+    # Where every row sees every key of a tile, one value per key block and kv head says
+    # whether a row sees a non-finite key / value: no per-tile reduction over the rows' values.
+    k_blk_nan, v_blk_nan = (jnp.max(x.reshape(nk, st.bk, K), axis=1) for x in (k_nan, v_nan))  # [nk, K]
+    kinds = ("kg", "kg", "k", "k", "k", "k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
 
     def q_block(i):
-        q_blk = _rows(f.q, i, st.bq)  # [bq, d_k]
+        q_blk = _finite_tile(a.q, i, st.bq, 2, st.scale)  # [K, G, bq, d_k]
 
         def step(n, carry, indices, partial):
             j = indices[i, n]
-            k_blk, v_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk)  # [bk, d_k], [bk, d_v]
+            k_blk, v_blk = (_finite_tile(x, j, st.bk, 1) for x in (a.k, a.v))  # [K, bk, d_k], [K, bk, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, False)
-            return forward_tile(
-                carry, q_blk, k_blk, v_blk, _rows(f.k_nan, j, st.bk), _rows(f.v_nan, j, st.bk),
-                _score_fn(st, a, q_ids, kv_ids, False), a.score_consts,
-                functools.partial(_logits, st, a, i, j, partial, q_ids, kv_ids, real, False),
-                blk_nan=(k_blk_nan[j], v_blk_nan[j]),
+
+            def one_head(carry, q_blk, k_blk, v_blk, k_nan, v_nan, k_max, v_max, mask, bias, h):
+                return forward_tile(
+                    carry, q_blk, k_blk, v_blk, k_nan, v_nan, _score_fn(st, a, h, q_ids, kv_ids, False),
+                    a.score_consts,
+                    functools.partial(_logits, st, a, h, mask, bias, partial, q_ids, kv_ids, real, False),
+                    blk_nan=(k_max, v_max),
+                )
+
+            return _over_heads(one_head, kinds)(
+                carry, q_blk, k_blk, v_blk, _rows(k_nan, j, st.bk).T, _rows(v_nan, j, st.bk).T,  # [K, bk]
+                k_blk_nan[j], v_blk_nan[j], _dense_tile(a.mask, i, j, st, False),
+                _dense_tile(a.bias, i, j, st, False), a.h,
             )
 
-        carry = init_carry(q_blk, d_v)
+        carry = jax.vmap(jax.vmap(lambda x: init_carry(x, d_v)))(q_blk)  # m, l [K, G, bq], acc [K, G, bq, d_v]
         carry = jax.lax.fori_loop(0, r.kv_num[i], functools.partial(step, indices=r.kv_idx, partial=True), carry)
         carry = jax.lax.fori_loop(
             0, r.full_kv_num[i], functools.partial(step, indices=r.full_kv_idx, partial=False), carry
         )
-        return finalize_rows(carry, _rows(f.q_nan, i, st.bq))  # [bq, d_v], [bq]
+        out, lse = jax.vmap(jax.vmap(finalize_rows))(carry, _heads_first(_rows(q_nan, i, st.bq), 2))
+        return jnp.moveaxis(out, 2, 0), jnp.moveaxis(lse, 2, 0)  # [bq, K, G, d_v], [bq, K, G]
 
-    out, lse = jax.lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))  # [nq, bq, d_v], [nq, bq]
-    return out.reshape(nq * st.bq, d_v), lse.reshape(nq * st.bq)  # [Tp, d_v], [Tp]
+    out, lse = jax.lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))  # [nq, bq, K, G, d_v], [nq, bq, K, G]
+    return out.reshape(Tp, K, G, d_v), lse.reshape(Tp, K, G)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flex_head(st: Static, a: Inputs, r: Rows):
-    """(out [Tp, d_v], lse [Tp]) of one head; differentiable in q, k, v, bias and the score consts."""
-    return _forward(st, a, _split(st, a), r)
+def flex_heads(st: Static, a: Inputs, r: Rows):
+    """(out [Tp, K, G, d_v], lse [Tp, K, G]) of one batch row's heads that share the block-mask
+    row ``r``; differentiable in q, k, v, bias and the score consts."""
+    return _forward(st, a, r)
 
 
 def _fwd(st: Static, a: Inputs, r: Rows):
-    f = _split(st, a)
-    out, lse = _forward(st, a, f, r)
-    # The split (zeroed, scaled) q, k, v are kept for the backward: no second pass over them.
-    return (out, lse), (a._replace(q=None, k=None, v=None), f, r, out, lse)
+    out, lse = _forward(st, a, r)
+    return (out, lse), (a, r, out, lse)  # q, k, v are the inputs themselves: no copy is kept
 
 
 def _bwd(st: Static, res, cotangents):
     """FlashAttention-2 backward on key-major tiles [bk, bq] (layout: module docstring)."""
-    a, f, r, out, lse = res
-    d_out, d_lse = cotangents  # [Tp, d_v], [Tp]
-    nk = f.k.shape[0] // st.bk
-    delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp]; the lse cotangent folds into delta
-    lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [Tp]; rows that saw nothing get P = 0
+    a, r, out, lse = res
+    d_out, d_lse = cotangents  # [Tp, K, G, d_v], [Tp, K, G]
+    Tp, K, G, d_k = a.q.shape
+    Sp, d_v = a.k.shape[0], a.v.shape[-1]
+    nk = Sp // st.bk
+    delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp, K, G]; the lse cotangent folds into delta
+    lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [Tp, K, G]; rows that saw nothing get P = 0
     is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in a.score_consts]
+    kinds = ("kg", "kg", "kg", "kg", "kg", "kg", "k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
 
     def kv_block(carry, j):
-        k_blk, v_blk = _rows(f.k, j, st.bk), _rows(f.v, j, st.bk)  # [bk, d_k], [bk, d_v]
-        kt_blk = k_blk.T  # [d_k, bk]: once per key block, for dQᵀ += Kᵀ dSᵀ
+        k_blk, v_blk = (_finite_tile(x, j, st.bk, 1) for x in (a.k, a.v))  # [K, bk, d_k], [K, bk, d_v]
+        kt_blk = jnp.swapaxes(k_blk, 1, 2)  # [K, d_k, bk]: once per key block, for dQᵀ += Kᵀ dSᵀ
 
         def step(n, inner, indices, partial):
             dk, dv, dq_t, dbias_all, dconsts = inner
             i = indices[j, n]
-            q_blk, do_blk = _rows(f.q, i, st.bq), _rows(d_out, i, st.bq)  # [bq, d_k], [bq, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, True)
-            dk, dv, dq_blk, ds, d_floats = backward_tile(
-                dk, dv, q_blk, do_blk, _rows(lse_safe, i, st.bq), _rows(delta, i, st.bq), k_blk, kt_blk, v_blk,
-                _score_fn(st, a, q_ids, kv_ids, True), a.score_consts,
-                functools.partial(_logits, st, a, i, j, partial, q_ids, kv_ids, real, True), st.scale,
-            )
+
+            def one_head(dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk, mask, bias, h):
+                return backward_tile(
+                    dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk,
+                    _score_fn(st, a, h, q_ids, kv_ids, True), a.score_consts,
+                    functools.partial(_logits, st, a, h, mask, bias, partial, q_ids, kv_ids, real, True), st.scale,
+                )
+
+            dk, dv, dq_blk, ds, d_floats = _over_heads(one_head, kinds)(
+                dk, dv, _finite_tile(a.q, i, st.bq, 2, st.scale),  # [K, G, bq, d_k]
+                *(_heads_first(_rows(x, i, st.bq), 2) for x in (d_out, lse_safe, delta)),  # [K, G, bq, (d_v)]
+                k_blk, kt_blk, v_blk, _dense_tile(a.mask, i, j, st, True), _dense_tile(a.bias, i, j, st, True), a.h,
+            )  # dq_blk [K, G, d_k, bq], ds [K, G, bk, bq], d_floats [K, G, ...] each
             if dbias_all is not None:
-                dbias_all = jax.lax.dynamic_update_slice(dbias_all, ds.T, (i * st.bq, j * st.bk))
-            dq_t = jax.lax.dynamic_update_slice_in_dim(dq_t, _cols(dq_t, i, st.bq) + dq_blk, i * st.bq, axis=1)
-            dconsts = tuple(x + y for x, y in zip(dconsts, d_floats))
+                ds = jnp.sum(ds, axis=(0, 1), keepdims=True) if a.bias.shape[:2] == (1, 1) else ds  # [Km, Gm, bk, bq]
+                dbias_all = jax.lax.dynamic_update_slice(dbias_all, jnp.swapaxes(ds, 2, 3), (0, 0, i * st.bq, j * st.bk))
+            cols = jax.lax.dynamic_slice_in_dim(dq_t, i * st.bq, st.bq, axis=3)  # [K, G, d_k, bq]
+            dq_t = jax.lax.dynamic_update_slice_in_dim(dq_t, cols + dq_blk, i * st.bq, axis=3)
+            dconsts = tuple(x + jnp.sum(y, axis=(0, 1)) for x, y in zip(dconsts, d_floats))
             return dk, dv, dq_t, dbias_all, dconsts
 
-        inner = (jnp.zeros_like(k_blk), jnp.zeros_like(v_blk)) + carry
-        inner = jax.lax.fori_loop(0, r.q_num[j], functools.partial(step, indices=r.q_idx, partial=True), inner)
+        # dK, dV of this key block per query head (summed over the G heads of each kv head below)
+        inner = (jnp.zeros((K, G) + k_blk.shape[1:], k_blk.dtype), jnp.zeros((K, G) + v_blk.shape[1:], v_blk.dtype))
+        inner = jax.lax.fori_loop(0, r.q_num[j], functools.partial(step, indices=r.q_idx, partial=True), inner + carry)
         inner = jax.lax.fori_loop(
             0, r.full_q_num[j], functools.partial(step, indices=r.full_q_idx, partial=False), inner
         )
         dk, dv, *carry = inner
-        return tuple(carry), (dk, dv)
+        return tuple(carry), (jnp.moveaxis(jnp.sum(dk, 1), 1, 0), jnp.moveaxis(jnp.sum(dv, 1), 1, 0))  # [bk, K, d]
 
     floats0 = tuple(jnp.zeros_like(c) for c, fl in zip(a.score_consts, is_float) if fl)
     dbias0 = None if a.bias is None else jnp.zeros_like(a.bias)
-    init = (jnp.zeros_like(f.q.T), dbias0, floats0)  # dQᵀ [d_k, Tp]
+    init = (jnp.zeros((K, G, d_k, Tp), a.q.dtype), dbias0, floats0)  # dQᵀ [K, G, d_k, Tp]
     (dq_t, dbias, dfloats), (dk, dv) = jax.lax.scan(kv_block, init, jnp.arange(nk, dtype=jnp.int32))
     it = iter(dfloats)
     grads = Inputs(
-        q=dq_t.T, k=dk.reshape(f.k.shape), v=dv.reshape(f.v.shape), mask=None, bias=dbias, b=None, h=None,
-        score_consts=tuple(next(it) if fl else None for fl in is_float),
+        q=jnp.moveaxis(dq_t, 3, 0), k=dk.reshape(Sp, K, d_k), v=dv.reshape(Sp, K, d_v), mask=None, bias=dbias,
+        b=None, h=None, score_consts=tuple(next(it) if fl else None for fl in is_float),
         mask_consts=tuple(None for _ in a.mask_consts),
     )
     return grads, jax.tree.map(lambda _: None, r)
 
 
-flex_head.defvjp(_fwd, _bwd)
+flex_heads.defvjp(_fwd, _bwd)
