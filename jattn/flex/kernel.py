@@ -128,14 +128,15 @@ def _fold(carry: Carry, logits, vis, v_blk, v_nan) -> Carry:
     return m_new, l, acc + _finite.nan_seen(v_nan, vis, p.shape[0])[:, None]
 
 
-def forward_tile(carry: Carry, q_blk, k_blk, v_blk, k_nan, v_nan, score, consts, logits_fn,
+def forward_tile(carry: Carry, q_blk, kt_blk, v_blk, k_nan, v_nan, score, consts, logits_fn,
                  blk_nan=None) -> Carry:
     """Fold one [bq, bk] tile into the online-softmax state.
 
     Args:
       carry: (m [bq], l [bq], acc [bq, d_v]) from ``init_carry`` or the previous tile.
       q_blk: [bq, d_k] finite query rows times the scale (``_finite.zeroed``).
-      k_blk: [bk, d_k] finite key rows.
+      kt_blk: [d_k, bk] finite key rows, transposed (the matmul's rhs as XLA:CPU's fast path
+        takes it; a transposing copy per tile is a slow elementwise loop).
       v_blk: [bk, d_v] finite value rows.
       k_nan: [bk] NaN where the key row was non-finite, else 0 (``_finite.nan_rows``).
       v_nan: [bk] likewise for the value rows.
@@ -149,7 +150,7 @@ def forward_tile(carry: Carry, q_blk, k_blk, v_blk, k_nan, v_nan, score, consts,
       The new state. A row that sees a bad key gets a NaN sum (so a NaN lse and output), added
       after score_mod and masks so that no mod drops it.
     """
-    raw = jnp.einsum("qd,kd->qk", q_blk, k_blk)  # [bq, bk]: q kᵀ · scale
+    raw = q_blk @ kt_blk  # [bq, bk]: q kᵀ · scale
     logits, vis = logits_fn(score(raw, consts))
     if vis is None:  # every row sees every key: a NaN sum (so lse) where a key is bad
         k_max, v_max = (jnp.max(k_nan), jnp.max(v_nan)) if blk_nan is None else blk_nan
@@ -171,15 +172,15 @@ def finalize_rows(carry: Carry, q_nan):
     return _finite.with_nan_rows(out, lse), lse
 
 
-def backward_tile(dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk, score, consts, logits_fn,
-                  scale: float):
+def backward_tile(dk, dv, q_blk, qt_blk, do_blk, dot_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk, score, consts,
+                  logits_fn, scale: float):
     """FlashAttention-2 backward of one tile, key-major: P = exp(logits - lse), dS = P ∘ (dP - delta).
 
     Args:
       dk: [bk, d_k] accumulator of the key block's gradient.
       dv: [bk, d_v] accumulator of the value block's gradient.
-      q_blk: [bq, d_k] finite query rows times the scale.
-      do_blk: [bq, d_v] output cotangent.
+      q_blk: [bq, d_k] finite query rows times the scale; ``qt_blk`` its transpose [d_k, bq].
+      do_blk: [bq, d_v] output cotangent; ``dot_blk`` its transpose [d_v, bq].
       lse_blk: [bq] the forward's logsumexp, +inf where it was -inf (P = 0 on rows that saw nothing).
       delta_blk: [bq] rowsum(dO ∘ O) minus the lse cotangent.
       k_blk: [bk, d_k] finite key rows; ``kt_blk`` its transpose [d_k, bk].
@@ -193,7 +194,7 @@ def backward_tile(dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_bl
       (dk, dv, dqᵀ [d_k, bq] of this tile, dSᵀ [bk, bq] (the logits' gradient), the gradients of
       the floating ``consts`` (a tuple, integer consts left out)).
     """
-    raw = jnp.einsum("kd,qd->kq", k_blk, q_blk)  # [bk, bq]: (q kᵀ · scale)ᵀ
+    raw = k_blk @ qt_blk  # [bk, bq]: (q kᵀ · scale)ᵀ
     is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts]
     floats = tuple(c for c, fl in zip(consts, is_float) if fl)
 
@@ -208,7 +209,7 @@ def backward_tile(dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_bl
         shifted = jnp.where(vis, shifted, -jnp.inf)  # mask before exp: no overflow when hidden
     p = jnp.exp(shifted)  # [bk, bq]: Pᵀ
     dv = dv + p @ do_blk  # [bk, d_v]
-    dp = jnp.einsum("kd,qd->kq", v_blk, do_blk)  # [bk, bq]: dPᵀ
+    dp = v_blk @ dot_blk  # [bk, bq]: dPᵀ
     ds = p * (dp - delta_blk[None, :])  # [bk, bq]: dSᵀ
     if vis is not None:
         ds = jnp.where(vis, ds, 0.0)  # a NaN delta (the row saw a NaN) stays off hidden keys
@@ -225,6 +226,11 @@ def backward_tile(dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_bl
 
 def _rows(x, i, size):
     return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=0)
+
+
+def _cols(x, i, size):
+    """Columns ``i * size ...`` of the last axis."""
+    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=x.ndim - 1)
 
 
 def _heads_first(x, n_heads: int):
@@ -323,25 +329,27 @@ def _forward(st: Static, a: Inputs, r: Rows):
     # whether a row sees a non-finite key / value: no per-tile reduction over the rows' values.
     k_blk_nan, v_blk_nan = (jnp.max(x.reshape(nk, st.bk, K), axis=1) for x in (k_nan, v_nan))  # [nk, K]
     kinds = ("kg", "kg", "k", "k", "k", "k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
+    kt = jnp.moveaxis(_finite.zeroed(a.k), 0, 2)  # [K, d_k, Sp]: the score tiles' rhs, once per call
 
     def q_block(i):
         q_blk = _finite_tile(a.q, i, st.bq, 2, st.scale)  # [K, G, bq, d_k]
 
         def step(n, carry, indices, partial):
             j = indices[i, n]
-            k_blk, v_blk = (_finite_tile(x, j, st.bk, 1) for x in (a.k, a.v))  # [K, bk, d_k], [K, bk, d_v]
+            kt_blk = jax.lax.dynamic_slice_in_dim(kt, j * st.bk, st.bk, axis=2)  # [K, d_k, bk]
+            v_blk = _finite_tile(a.v, j, st.bk, 1)  # [K, bk, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, False)
 
-            def one_head(carry, q_blk, k_blk, v_blk, k_nan, v_nan, k_max, v_max, mask, bias, h):
+            def one_head(carry, q_blk, kt_blk, v_blk, k_nan, v_nan, k_max, v_max, mask, bias, h):
                 return forward_tile(
-                    carry, q_blk, k_blk, v_blk, k_nan, v_nan, _score_fn(st, a, h, q_ids, kv_ids, False),
+                    carry, q_blk, kt_blk, v_blk, k_nan, v_nan, _score_fn(st, a, h, q_ids, kv_ids, False),
                     a.score_consts,
                     functools.partial(_logits, st, a, h, mask, bias, partial, q_ids, kv_ids, real, False),
                     blk_nan=(k_max, v_max),
                 )
 
             return _over_heads(one_head, kinds)(
-                carry, q_blk, k_blk, v_blk, _rows(k_nan, j, st.bk).T, _rows(v_nan, j, st.bk).T,  # [K, bk]
+                carry, q_blk, kt_blk, v_blk, _rows(k_nan, j, st.bk).T, _rows(v_nan, j, st.bk).T,  # [K, bk]
                 k_blk_nan[j], v_blk_nan[j], _dense_tile(a.mask, i, j, st, False),
                 _dense_tile(a.bias, i, j, st, False), a.h,
             )
@@ -380,7 +388,9 @@ def _bwd(st: Static, res, cotangents):
     delta = jnp.sum(d_out * out, axis=-1) - d_lse  # [Tp, K, G]; the lse cotangent folds into delta
     lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [Tp, K, G]; rows that saw nothing get P = 0
     is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in a.score_consts]
-    kinds = ("kg", "kg", "kg", "kg", "kg", "kg", "k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
+    kinds = ("kg",) * 8 + ("k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
+    # The rhs of the key-major score tiles, transposed once per call: [K, G, d, Tp]
+    qt, d_out_t = (jnp.moveaxis(x, 0, 3) for x in (_finite.zeroed(a.q) * st.scale, d_out))
 
     def kv_block(carry, j):
         k_blk, v_blk = (_finite_tile(x, j, st.bk, 1) for x in (a.k, a.v))  # [K, bk, d_k], [K, bk, d_v]
@@ -391,23 +401,24 @@ def _bwd(st: Static, res, cotangents):
             i = indices[j, n]
             q_ids, kv_ids, real = _ids(st, i, j, True)
 
-            def one_head(dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk, mask, bias, h):
+            def one_head(dk, dv, q_blk, qt_blk, do_blk, dot_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk, mask, bias,
+                         h):
                 return backward_tile(
-                    dk, dv, q_blk, do_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk,
+                    dk, dv, q_blk, qt_blk, do_blk, dot_blk, lse_blk, delta_blk, k_blk, kt_blk, v_blk,
                     _score_fn(st, a, h, q_ids, kv_ids, True), a.score_consts,
                     functools.partial(_logits, st, a, h, mask, bias, partial, q_ids, kv_ids, real, True), st.scale,
                 )
 
             dk, dv, dq_blk, ds, d_floats = _over_heads(one_head, kinds)(
-                dk, dv, _finite_tile(a.q, i, st.bq, 2, st.scale),  # [K, G, bq, d_k]
-                *(_heads_first(_rows(x, i, st.bq), 2) for x in (d_out, lse_safe, delta)),  # [K, G, bq, (d_v)]
+                dk, dv, _finite_tile(a.q, i, st.bq, 2, st.scale), _cols(qt, i, st.bq),  # [K, G, bq, d_k], [K, G, d_k, bq]
+                _heads_first(_rows(d_out, i, st.bq), 2), _cols(d_out_t, i, st.bq),  # [K, G, bq, d_v], [K, G, d_v, bq]
+                *(_heads_first(_rows(x, i, st.bq), 2) for x in (lse_safe, delta)),  # [K, G, bq]
                 k_blk, kt_blk, v_blk, _dense_tile(a.mask, i, j, st, True), _dense_tile(a.bias, i, j, st, True), a.h,
             )  # dq_blk [K, G, d_k, bq], ds [K, G, bk, bq], d_floats [K, G, ...] each
             if dbias_all is not None:
                 ds = jnp.sum(ds, axis=(0, 1), keepdims=True) if a.bias.shape[:2] == (1, 1) else ds  # [Km, Gm, bk, bq]
                 dbias_all = jax.lax.dynamic_update_slice(dbias_all, jnp.swapaxes(ds, 2, 3), (0, 0, i * st.bq, j * st.bk))
-            cols = jax.lax.dynamic_slice_in_dim(dq_t, i * st.bq, st.bq, axis=3)  # [K, G, d_k, bq]
-            dq_t = jax.lax.dynamic_update_slice_in_dim(dq_t, cols + dq_blk, i * st.bq, axis=3)
+            dq_t = jax.lax.dynamic_update_slice_in_dim(dq_t, _cols(dq_t, i, st.bq) + dq_blk, i * st.bq, axis=3)
             dconsts = tuple(x + jnp.sum(y, axis=(0, 1)) for x, y in zip(dconsts, d_floats))
             return dk, dv, dq_t, dbias_all, dconsts
 

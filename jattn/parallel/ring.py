@@ -511,7 +511,7 @@ def _forward_step(st: _Static, qs: _Queries, carry, blk: _Block, me, src):
             kind, mod = _kind_and_mod(st, qs, t)
 
             def one_head(m, l, acc, q, k, v, k_nan, v_nan, mask, bh):
-                return kernel.forward_tile((m, l, acc), q, k, v, k_nan, v_nan, _score(st, t, bh, False), qs.consts,
+                return kernel.forward_tile((m, l, acc), q, k.T, v, k_nan, v_nan, _score(st, t, bh, False), qs.consts,
                                            _logits_fn(st, mask, False))
 
             def fold(state, structural):
@@ -548,7 +548,7 @@ def _backward_step(st: _Static, qs: _Queries, res, stays, dkv, blk: _Block, me, 
 
             def one_head(q, do, lse, delta, k, v, mask, bh):
                 dk, dv, dq_t, _, dc = kernel.backward_tile(
-                    jnp.zeros_like(k), jnp.zeros_like(v), q, do, lse, delta, k, k.T, v,
+                    jnp.zeros_like(k), jnp.zeros_like(v), q, q.T, do, do.T, lse, delta, k, k.T, v,
                     _score(st, t, bh, True), qs.consts, _logits_fn(st, mask, True), st.scale)
                 return dq_t.T, dk, dv, dc  # [bq, H], [bk, H], [bk, Hv], floating consts' gradients
 
