@@ -535,3 +535,29 @@ def test_non_finite_value_with_a_causal_offset_poisons_the_rows_that_see_it(alig
     chunked = jattn.dot_product_attention(q, k, v, is_causal=True, causal_alignment=alignment,
                                           implementation="chunked", block_sizes=(2, 3))
     np.testing.assert_array_equal(_nan_rows(chunked), expected)
+
+
+# Sizes at which XLA:CPU's max-reduction drops NaN (jax 0.10.2: from 16 rows on); the NaN
+# flags must be combined by sums. Causal, so a bad key poisons exactly the rows at or after it.
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+@pytest.mark.parametrize("fn", ["xla", "chunked", "flex", "ring"])
+def test_nan_row_is_seen_at_sizes_where_max_reductions_drop_nan(where, fn):
+    t, n, h, bad_row, bad_head = 64, 2, 64, 37, 1
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, t, n, h)).astype(np.float32) for _ in range(3))
+    arrays = dict(query=q, key=k, value=v)
+    arrays[where][0, bad_row, bad_head, 5] = np.nan
+    q, k, v = arrays["query"], arrays["key"], arrays["value"]
+    if fn == "flex":
+        out = jattn.flex_attention(q, k, v, mask_mod=jattn.flex.mods.causal)
+    elif fn == "ring":
+        out = _ring(q, k, v, is_causal=True)
+    else:
+        out = jattn.dot_product_attention(q, k, v, is_causal=True, implementation=fn,
+                                          **({"block_sizes": (16, 16)} if fn == "chunked" else {}))
+    got = np.isnan(np.asarray(out)).any(-1)[0]  # [T, N]
+    want = np.zeros((t, n), bool)
+    want[bad_row:, bad_head] = True
+    if where == "query":
+        want[bad_row + 1:, bad_head] = False  # a bad query row poisons only itself
+    np.testing.assert_array_equal(got, want)

@@ -18,9 +18,12 @@ import jax.numpy as jnp
 
 
 def nan_rows(x: jax.Array, dtype) -> jax.Array:
-    """x [L, d] -> [L] of ``dtype``: NaN where the row holds a NaN or inf, else 0 (no gradient)."""
-    row_max = jnp.max(jnp.abs(x), axis=-1, initial=0)  # [L]; max propagates NaN
-    return nan_at(~jnp.isfinite(row_max), dtype)
+    """x [..., d] -> [...] of ``dtype``: NaN where the row holds a NaN or inf, else 0 (no gradient).
+
+    Flags are found and combined with boolean ``any`` and float sums, never max-reductions:
+    XLA:CPU's max-reduce (jax 0.10.2) drops NaN from 16 rows on.
+    """
+    return nan_at(jnp.any(~jnp.isfinite(x), axis=-1), dtype)  # [...]
 
 
 def zeroed(x: jax.Array) -> jax.Array:
@@ -35,18 +38,18 @@ def nan_at(bad: jax.Array, dtype) -> jax.Array:
 
 def nan_seen(key_nan: jax.Array, visible: jax.Array | None, T: int) -> jax.Array:
     """key_nan [S] (NaN or 0, see ``nan_rows``), visible [T, S] or None (all) -> [T]: NaN in
-    the rows that see a NaN entry, else 0. One float reduction that XLA fuses with the mask."""
+    the rows that see a NaN entry, else 0. One boolean reduction that XLA fuses with the mask."""
     if visible is None:
-        return jnp.broadcast_to(jnp.max(key_nan, initial=0), (T,))
-    return jnp.max(jnp.where(visible, key_nan[None, :], 0), axis=-1, initial=0)  # [T]; max keeps NaN
+        return jnp.broadcast_to(jnp.sum(key_nan), (T,))
+    return nan_at(jnp.any(visible & jnp.isnan(key_nan)[None, :], axis=-1), key_nan.dtype)  # [T]
 
 
 def nan_seen_prefix(key_nan: jax.Array, last: jax.Array) -> jax.Array:
     """key_nan [S] (NaN or 0), last [T] int -> [T]: NaN in the rows t that see a NaN among keys
-    0..last[t] (a causal row), else 0. A running max over S: no [T, S] pass."""
+    0..last[t] (a causal row), else 0. A running sum over S: no [T, S] pass."""
     if key_nan.shape[0] == 0:
         return jnp.zeros(last.shape, key_nan.dtype)
-    running = jax.lax.cummax(key_nan)  # [S]; max keeps NaN
+    running = jnp.cumsum(key_nan)  # [S]; 0 until the first NaN, NaN from there
     seen = running[jnp.clip(last, 0, key_nan.shape[0] - 1)]  # [T]
     return jnp.where(last >= 0, seen, 0)
 
