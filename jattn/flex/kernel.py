@@ -25,15 +25,18 @@ tile implementation in jattn. Here they are vmapped over the K·G heads inside t
 
 Layout: the loops slice each tile from q [Tp, K, G, d_k], k, v [Sp, K, d] as they come (a
 tile's rows are contiguous there), zero its non-finite entries (and scale q) and put its head
-axes first: no head-major copy of q, k or v and no whole-array zeroing pass, only one
-reduction per call that flags the non-finite rows; the backward slices the same inputs
-again. A whole-array copy costs its passes and, since XLA:CPU allocates a call's temp memory
-anew each call, the page faults of its fresh pages: at T = 8192 (N = 8, H = 64) the head-major
-copies made 64 of a 65 MiB forward temp and ~55 ms of a call that visits no tile (now ~5 ms).
-Score tiles contract two head-first blocks over the head dim (q kᵀ, and k qᵀ / v dOᵀ key-major
-in the backward). dQ is accumulated transposed ([K, G, d_k, Tp], Kᵀ dSᵀ with the key block
-transposed once per key block): a transposed lhs falls off XLA:CPU's fast matmul (1.6x its
-time measured on [8, 128, 128] tiles).
+axes first; only one boolean reduction per call flags the non-finite rows. The one exception
+is a score matmul's rhs, which XLA:CPU's fast matmul takes as [d, n]: cutting it from the
+[T, K, H] layout is a transposing copy per tile that runs as a slow elementwise loop (368 vs
+43 us per [512, 8, 64] tile), so kᵀ [K, d_k, Sp] (forward) and qᵀ, dOᵀ [K, G, d, Tp]
+(backward, key-major tiles: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ) are transposed once per call, as plain
+transposes. A whole-array copy costs its passes and, since XLA:CPU allocates a call's temp
+memory anew each call, the page faults of its fresh pages: the head-major copies of q, k, v
+that a ``vmap`` over heads makes (every head's loop slicing its own head) took 64 of a 65 MiB
+forward temp at T = 8192 (N = 8, H = 64) and about half of a 16-document call's forward time.
+dQ is accumulated transposed ([K, G, d_k, Tp], Kᵀ dSᵀ with the key block transposed once per
+key block): a transposed lhs falls off XLA:CPU's fast matmul (1.6x its time measured on
+[8, 128, 128] tiles).
 
 Semantics: NaN is not hidden and propagates to the rows that see it; a NaN or inf in a q, k
 or v row that a row cannot see never reaches that row (``jattn.core._finite``): such entries are
