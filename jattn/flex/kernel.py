@@ -428,8 +428,9 @@ def _bwd(st: Static, res, cotangents):
             dconsts = tuple(x + jnp.sum(y, axis=(0, 1)) for x, y in zip(dconsts, d_floats))
             return dk, dv, dq_t, dbias_all, dconsts
 
-        # dK, dV of this key block per query head (summed over the G heads of each kv head below)
-        inner = (jnp.zeros((K, G) + k_blk.shape[1:], k_blk.dtype), jnp.zeros((K, G) + v_blk.shape[1:], v_blk.dtype))
+        # dK, dV of this key block per query head (summed over the G heads of each kv head below);
+        # ``*_like`` so that inside ``jax.shard_map`` they vary over the same mesh axes as k, v
+        inner = tuple(jnp.zeros_like(x, shape=(K, G) + x.shape[1:]) for x in (k_blk, v_blk))
         inner = jax.lax.fori_loop(0, r.q_num[j], functools.partial(step, indices=r.q_idx, partial=True), inner + carry)
         inner = jax.lax.fori_loop(
             0, r.full_q_num[j], functools.partial(step, indices=r.full_q_idx, partial=False), inner
@@ -439,7 +440,7 @@ def _bwd(st: Static, res, cotangents):
 
     floats0 = tuple(jnp.zeros_like(c) for c, fl in zip(a.score_consts, is_float) if fl)
     dbias0 = None if a.bias is None else jnp.zeros_like(a.bias)
-    init = (jnp.zeros((K, G, d_k, Tp), a.q.dtype), dbias0, floats0)  # dQᵀ [K, G, d_k, Tp]
+    init = (jnp.zeros_like(a.q, shape=(K, G, d_k, Tp)), dbias0, floats0)  # dQᵀ [K, G, d_k, Tp]
     (dq_t, dbias, dfloats), (dk, dv) = jax.lax.scan(kv_block, init, jnp.arange(nk, dtype=jnp.int32))
     it = iter(dfloats)
     grads = Inputs(
