@@ -241,11 +241,16 @@ def _heads_first(x, n_heads: int):
     return jnp.moveaxis(x, 0, n_heads)
 
 
+def _clean(tile, scale=None):
+    """A tile with non-finite entries zeroed (the rows are flagged by ``_finite.nan_rows`` on
+    the whole array), times ``scale`` if given."""
+    tile = _finite.zeroed(tile)
+    return tile if scale is None else tile * scale
+
+
 def _finite_tile(x, i, size, n_heads: int, scale=None):
-    """Rows ``i * size ...`` of q, k or v, head axes first, non-finite entries zeroed (the rows
-    are flagged by ``_finite.nan_rows`` on the whole array), times ``scale`` if given."""
-    tile = _finite.zeroed(_rows(x, i, size))  # [L, K, (G,) d]
-    return _heads_first(tile if scale is None else tile * scale, n_heads)  # [K, (G,) L, d]
+    """Rows ``i * size ...`` of q, k or v [L, K, (G,) d], head axes first: [K, (G,) size, d], finite."""
+    return _heads_first(_clean(_rows(x, i, size), scale), n_heads)
 
 
 def _dense_tile(x, i, j, st: Static, kv_major: bool):
@@ -339,7 +344,7 @@ def _forward(st: Static, a: Inputs, r: Rows):
 
         def step(n, carry, indices, partial):
             j = indices[i, n]
-            kt_blk = _finite.zeroed(_cols(kt, j, st.bk))  # [K, d_k, bk]
+            kt_blk = _clean(_cols(kt, j, st.bk))  # [K, d_k, bk]
             v_blk = _finite_tile(a.v, j, st.bk, 1)  # [K, bk, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, False)
 
@@ -416,7 +421,7 @@ def _bwd(st: Static, res, cotangents):
 
             dk, dv, dq_blk, ds, d_floats = _over_heads(one_head, kinds)(
                 dk, dv, _finite_tile(a.q, i, st.bq, 2, st.scale),  # [K, G, bq, d_k]
-                _finite.zeroed(_cols(qt, i, st.bq)) * st.scale,  # [K, G, d_k, bq]
+                _clean(_cols(qt, i, st.bq), st.scale),  # [K, G, d_k, bq]
                 _heads_first(_rows(d_out, i, st.bq), 2), _cols(d_out_t, i, st.bq),  # [K, G, bq, d_v], [K, G, d_v, bq]
                 *(_heads_first(_rows(x, i, st.bq), 2) for x in (lse_safe, delta)),  # [K, G, bq]
                 k_blk, kt_blk, v_blk, _dense_tile(a.mask, i, j, st, True), _dense_tile(a.bias, i, j, st, True), a.h,

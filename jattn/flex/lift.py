@@ -57,6 +57,7 @@ def chunked(st: Static, q, k, v, mask, bias, s_consts, m_consts, rows: Rows):
     grid = ((0, 0),) * 3 + ((0, Tp - T), (0, Sp - S))
     mask = None if mask is None else jnp.pad(mask, grid, constant_values=False)  # [Bm, Km, Gm, Tp, Sp]
     bias = None if bias is None else jnp.pad(bias, grid)  # [Bm, Km, Gm, Tp, Sp]
+    per_head = rows.kv_num.shape[1] > 1  # a block-mask row per head: one loop per head
     mask, mb = _squeeze_batch(mask)
     bias, bb = _squeeze_batch(bias)
     rows, rb = zip(*(_squeeze_batch(x) for x in rows))  # [(Bm,) Nm, ...]
@@ -65,7 +66,7 @@ def chunked(st: Static, q, k, v, mask, bias, s_consts, m_consts, rows: Rows):
     def heads(q, k, v, mask, bias, b, r):
         return flex_heads(st, Inputs(q, k, v, mask, bias, b, h_ids, s_consts, m_consts), Rows(*(x[0] for x in r)))
 
-    if rows[0].shape[0 if rb[0] is None else 1] > 1:  # a block-mask row per head: one loop per head
+    if per_head:
         heads = _per_head(st, s_consts, m_consts, K, G)
     out, lse = jax.vmap(heads, in_axes=(0, 0, 0, mb, bb, 0, Rows(*rb)))(q, k, v, mask, bias, b_ids, Rows(*rows))
     return out[:, :T], lse[:, :T]  # [B, T, K, G, Hv], [B, T, K, G]
