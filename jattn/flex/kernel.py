@@ -23,20 +23,23 @@ that give its scores (``score``) and its logits and visibility (``logits_fn``), 
 sequence-parallel ring attention (``jattn.parallel.ring``) runs its tiles with them too: one
 tile implementation in jattn. Here they are vmapped over the K·G heads inside the loops.
 
-Layout: the loops slice each tile from q [Tp, K, G, d_k], k, v [Sp, K, d] as they come (a
-tile's rows are contiguous there), zero its non-finite entries (and scale q) and put its head
-axes first; only one boolean reduction per call flags the non-finite rows. The one exception
-is a score matmul's rhs, which XLA:CPU's fast matmul takes as [d, n]: cutting it from the
-[T, K, H] layout is a transposing copy per tile that runs as a slow elementwise loop (368 vs
-43 us per [512, 8, 64] tile), so kᵀ [K, d_k, Sp] (forward) and qᵀ, dOᵀ [K, G, d, Tp]
+Layout: the forward slices each tile from q [Tp, K, G, d_k], k, v [Sp, K, d] as they come (a
+tile's rows are contiguous there), zeroes its non-finite entries (and scales q) and puts its
+head axes first; only one boolean reduction per call flags the non-finite rows. A score
+matmul's rhs, which XLA:CPU's fast matmul takes as [d, n], is the exception: cutting it from
+the [T, K, H] layout is a transposing copy per tile that runs as a slow elementwise loop (368
+vs 43 us per [512, 8, 64] tile), so kᵀ [K, d_k, Sp] (forward) and qᵀ, dOᵀ [K, G, d, Tp]
 (backward, key-major tiles: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ) are transposed once per call, as plain
-transposes. A whole-array copy costs its passes and, since XLA:CPU allocates a call's temp
-memory anew each call, the page faults of its fresh pages: the head-major copies of q, k, v
-that a ``vmap`` over heads makes (every head's loop slicing its own head) took 64 of a 65 MiB
+transposes. The backward, whose inner loop runs over query blocks, also puts the rows of q
+and dO, lse and delta in head-major blocks once per call ([nq, K, G, bq, ...]): per step they
+were transposing copies, and lse/delta sliced inside the exp fusion, 10-15% of its time.
+A whole-array copy costs its passes and, since XLA:CPU allocates a call's temp memory anew
+each call, the page faults of its fresh pages: the head-major copies of q, k, v that a
+``vmap`` over heads makes (every head's loop slicing its own head) took 64 of a 65 MiB
 forward temp at T = 8192 (N = 8, H = 64) and about half of a 16-document call's forward time.
-dQ is accumulated transposed ([K, G, d_k, Tp], Kᵀ dSᵀ with the key block transposed once per
-key block): a transposed lhs falls off XLA:CPU's fast matmul (1.6x its time measured on
-[8, 128, 128] tiles).
+dQ is accumulated transposed in blocks ([nq, K, G, d_k, bq], Kᵀ dSᵀ with the key block
+transposed once per key block): a transposed lhs falls off XLA:CPU's fast matmul (1.6x its
+time measured on [8, 128, 128] tiles).
 
 Semantics: NaN is not hidden and propagates to the rows that see it; a NaN or inf in a q, k
 or v row that a row cannot see never reaches that row (``jattn.core._finite``): such entries are
@@ -253,6 +256,13 @@ def _finite_tile(x, i, size, n_heads: int, scale=None):
     return _heads_first(_clean(_rows(x, i, size), scale), n_heads)
 
 
+def _row_blocks(x, size: int, n_heads: int):
+    """x [L, <n_heads head axes>, ...] -> [L/size, <heads>, size, ...]: block i's rows with the
+    head axes first, contiguous (a per-step slice is then a plain copy, or none)."""
+    x = x.reshape((x.shape[0] // size, size) + x.shape[1:])  # [L/size, size, <heads>, ...]
+    return jnp.moveaxis(x, 1, 1 + n_heads)
+
+
 def _dense_tile(x, i, j, st: Static, kv_major: bool):
     """Tile (i, j) of a dense mask/bias [Km, Gm, Tp, Sp] -> [Km, Gm, bq, bk] ([.., bk, bq]
     when ``kv_major``), or [bq, bk] when it is shared by the heads (Km = Gm = 1)."""
@@ -338,14 +348,13 @@ def _forward(st: Static, a: Inputs, r: Rows):
     k_blk_nan, v_blk_nan = (jnp.sum(x.reshape(nk, st.bk, K), axis=1) for x in (k_nan, v_nan))  # [nk, K]
     kinds = ("kg", "kg", "k", "k", "k", "k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
     kt = jnp.moveaxis(a.k, 0, 2)  # [K, d_k, Sp]: the score tiles' rhs, once per call (a plain transpose)
+    k_nan_rows, v_nan_rows = (_row_blocks(x, st.bk, 1) for x in (k_nan, v_nan))  # [nk, K, bk]
 
     def q_block(i):
         q_blk = _finite_tile(a.q, i, st.bq, 2, st.scale)  # [K, G, bq, d_k]
 
         def step(n, carry, indices, partial):
             j = indices[i, n]
-            kt_blk = _clean(_cols(kt, j, st.bk))  # [K, d_k, bk]
-            v_blk = _finite_tile(a.v, j, st.bk, 1)  # [K, bk, d_v]
             q_ids, kv_ids, real = _ids(st, i, j, False)
 
             def one_head(carry, q_blk, kt_blk, v_blk, k_nan, v_nan, k_max, v_max, mask, bias, h):
@@ -357,7 +366,8 @@ def _forward(st: Static, a: Inputs, r: Rows):
                 )
 
             return _over_heads(one_head, kinds)(
-                carry, q_blk, kt_blk, v_blk, _rows(k_nan, j, st.bk).T, _rows(v_nan, j, st.bk).T,  # [K, bk]
+                carry, q_blk, _clean(_cols(kt, j, st.bk)), _finite_tile(a.v, j, st.bk, 1),  # [K, d_k, bk], [K, bk, d_v]
+                k_nan_rows[j], v_nan_rows[j],  # [K, bk]
                 k_blk_nan[j], v_blk_nan[j], _dense_tile(a.mask, i, j, st, False),
                 _dense_tile(a.bias, i, j, st, False), a.h,
             )
@@ -392,15 +402,19 @@ def _bwd(st: Static, res, cotangents):
     d_out, d_lse = cotangents  # [Tp, K, G, d_v], [Tp, K, G]
     Tp, K, G, d_k = a.q.shape
     Sp, d_v = a.k.shape[0], a.v.shape[-1]
-    nk = Sp // st.bk
+    nq, nk = Tp // st.bq, Sp // st.bk
     # rowsum(dO ∘ O) as a contraction: a sum over the last axis of this 4-d layout is XLA:CPU's
     # slow reduction (13.6 vs 2.8 ms at [8192, 8, 1, 64]); the lse cotangent folds into delta
     delta = jnp.einsum("tkgd,tkgd->tkg", d_out, out) - d_lse  # [Tp, K, G]
     lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [Tp, K, G]; rows that saw nothing get P = 0
     is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in a.score_consts]
     kinds = ("kg",) * 8 + ("k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
-    # The rhs of the key-major score tiles, transposed once per call: [K, G, d, Tp]
-    qt, d_out_t = (jnp.moveaxis(x, 0, 3) for x in (a.q, d_out))
+    # The per-step operands once per call (module docstring): q finite and scaled; rows in
+    # blocks [nq, K, G, bq, ...], the key-major score tiles' rhs transposed [K, G, d, Tp]
+    q = _clean(a.q, st.scale)  # [Tp, K, G, d_k]
+    q_rows, do_rows = (_row_blocks(x, st.bq, 2) for x in (q, d_out))
+    qt, do_t = (jnp.moveaxis(x, 0, 3) for x in (q, d_out))  # [K, G, d, Tp]
+    lse_rows, delta_rows = (_row_blocks(x, st.bq, 2) for x in (lse_safe, delta))
 
     def kv_block(carry, j):
         k_blk, v_blk = (_finite_tile(x, j, st.bk, 1) for x in (a.k, a.v))  # [K, bk, d_k], [K, bk, d_v]
@@ -420,16 +434,14 @@ def _bwd(st: Static, res, cotangents):
                 )
 
             dk, dv, dq_blk, ds, d_floats = _over_heads(one_head, kinds)(
-                dk, dv, _finite_tile(a.q, i, st.bq, 2, st.scale),  # [K, G, bq, d_k]
-                _clean(_cols(qt, i, st.bq), st.scale),  # [K, G, d_k, bq]
-                _heads_first(_rows(d_out, i, st.bq), 2), _cols(d_out_t, i, st.bq),  # [K, G, bq, d_v], [K, G, d_v, bq]
-                *(_heads_first(_rows(x, i, st.bq), 2) for x in (lse_safe, delta)),  # [K, G, bq]
+                dk, dv, q_rows[i], _cols(qt, i, st.bq), do_rows[i], _cols(do_t, i, st.bq),  # [K, G, bq, d], [K, G, d, bq]
+                lse_rows[i], delta_rows[i],  # [K, G, bq]
                 k_blk, kt_blk, v_blk, _dense_tile(a.mask, i, j, st, True), _dense_tile(a.bias, i, j, st, True), a.h,
             )  # dq_blk [K, G, d_k, bq], ds [K, G, bk, bq], d_floats [K, G, ...] each
             if dbias_all is not None:
                 ds = jnp.sum(ds, axis=(0, 1), keepdims=True) if a.bias.shape[:2] == (1, 1) else ds  # [Km, Gm, bk, bq]
                 dbias_all = jax.lax.dynamic_update_slice(dbias_all, jnp.swapaxes(ds, 2, 3), (0, 0, i * st.bq, j * st.bk))
-            dq_t = jax.lax.dynamic_update_slice_in_dim(dq_t, _cols(dq_t, i, st.bq) + dq_blk, i * st.bq, axis=3)
+            dq_t = dq_t.at[i].add(dq_blk)  # [nq, K, G, d_k, bq]
             dconsts = tuple(x + jnp.sum(y, axis=(0, 1)) for x, y in zip(dconsts, d_floats))
             return dk, dv, dq_t, dbias_all, dconsts
 
@@ -445,11 +457,12 @@ def _bwd(st: Static, res, cotangents):
 
     floats0 = tuple(jnp.zeros_like(c) for c, fl in zip(a.score_consts, is_float) if fl)
     dbias0 = None if a.bias is None else jnp.zeros_like(a.bias)
-    init = (jnp.zeros_like(a.q, shape=(K, G, d_k, Tp)), dbias0, floats0)  # dQᵀ [K, G, d_k, Tp]
+    init = (jnp.zeros_like(q_rows, shape=(nq, K, G, d_k, st.bq)), dbias0, floats0)  # dQᵀ [nq, K, G, d_k, bq]
     (dq_t, dbias, dfloats), (dk, dv) = jax.lax.scan(kv_block, init, jnp.arange(nk, dtype=jnp.int32))
     it = iter(dfloats)
     grads = Inputs(
-        q=jnp.moveaxis(dq_t, 3, 0), k=dk.reshape(Sp, K, d_k), v=dv.reshape(Sp, K, d_v), mask=None, bias=dbias,
+        q=jnp.moveaxis(dq_t, 4, 1).reshape(Tp, K, G, d_k), k=dk.reshape(Sp, K, d_k), v=dv.reshape(Sp, K, d_v),
+        mask=None, bias=dbias,
         b=None, h=None, score_consts=tuple(next(it) if fl else None for fl in is_float),
         mask_consts=tuple(None for _ in a.mask_consts),
     )
