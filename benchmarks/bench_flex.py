@@ -495,7 +495,7 @@ def main():
                    cpus=os.cpu_count(), N=N, H=H, B=1, dtype="float32", quick=args.quick, smoke=args.smoke,
                    rounds=rounds, slow_s=args.slow, cases=args.cases, peers_skipped=SKIPPED,
                    minutes=(time.time() - started) / 60, load_average=os.getloadavg(),
-                   note="shared 2-core machine (other engineers' tests and benchmarks running); minimum over interleaved rounds")
+                   note="minimum over interleaved rounds; load_average says what else ran")
         for name in ("torch", "tokamax"):
             try:
                 out[f"{name}_version"] = __import__(name).__version__
