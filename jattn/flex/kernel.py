@@ -341,14 +341,15 @@ def _forward(st: Static, a: Inputs, r: Rows):
     """(out [Tp, K, G, d_v], lse [Tp, K, G]): the online softmax of every query block."""
     Tp, K, G, _ = a.q.shape
     d_v = a.v.shape[-1]
-    nq, nk = Tp // st.bq, a.k.shape[0] // st.bk
+    nq = Tp // st.bq
     q_nan, k_nan, v_nan = _nan_flags(a)  # [Tp, K, G], [Sp, K], [Sp, K]
+    q_nan_rows = _row_blocks(q_nan, st.bq, 2)  # [nq, K, G, bq]
+    k_nan_rows, v_nan_rows = (_row_blocks(x, st.bk, 1) for x in (k_nan, v_nan))  # [nk, K, bk]
     # Where every row sees every key of a tile, one value per key block and kv head says
     # whether a row sees a non-finite key / value: no per-tile reduction over the rows' values.
-    k_blk_nan, v_blk_nan = (jnp.sum(x.reshape(nk, st.bk, K), axis=1) for x in (k_nan, v_nan))  # [nk, K]
+    k_blk_nan, v_blk_nan = (jnp.sum(x, axis=-1) for x in (k_nan_rows, v_nan_rows))  # [nk, K]
     kinds = ("kg", "kg", "k", "k", "k", "k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
     kt = jnp.moveaxis(a.k, 0, 2)  # [K, d_k, Sp]: the score tiles' rhs, once per call (a plain transpose)
-    k_nan_rows, v_nan_rows = (_row_blocks(x, st.bk, 1) for x in (k_nan, v_nan))  # [nk, K, bk]
 
     def q_block(i):
         q_blk = _finite_tile(a.q, i, st.bq, 2, st.scale)  # [K, G, bq, d_k]
@@ -377,7 +378,7 @@ def _forward(st: Static, a: Inputs, r: Rows):
         carry = jax.lax.fori_loop(
             0, r.full_kv_num[i], functools.partial(step, indices=r.full_kv_idx, partial=False), carry
         )
-        out, lse = jax.vmap(jax.vmap(finalize_rows))(carry, _heads_first(_rows(q_nan, i, st.bq), 2))
+        out, lse = jax.vmap(jax.vmap(finalize_rows))(carry, q_nan_rows[i])
         return jnp.moveaxis(out, 2, 0), jnp.moveaxis(lse, 2, 0)  # [bq, K, G, d_v], [bq, K, G]
 
     out, lse = jax.lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))  # [nq, bq, K, G, d_v], [nq, bq, K, G]
