@@ -28,9 +28,9 @@ tile's rows are contiguous there), zeroes its non-finite entries (and scales q) 
 head axes first; only one boolean reduction per call flags the non-finite rows. A score
 matmul's rhs, which XLA:CPU's fast matmul takes as [d, n], is the exception: cutting it from
 the [T, K, H] layout is a transposing copy per tile that runs as a slow elementwise loop (368
-vs 43 us per [512, 8, 64] tile), so kᵀ [K, d_k, Sp] (forward) and qᵀ, dOᵀ [K, G, d, Tp]
-(backward, key-major tiles: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ) are transposed once per call, as plain
-transposes. The backward, whose inner loop runs over query blocks, also puts the rows of q
+vs 43 us per [512, 8, 64] tile), so kᵀ [K, d_k, Sp] (forward) and qᵀ, dOᵀ in blocks
+[nq, K, G, d, bq] (backward, key-major tiles: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ) are transposed once
+per call. The backward, whose inner loop runs over query blocks, also puts the rows of q
 and dO, lse and delta in head-major blocks once per call ([nq, K, G, bq, ...]): per step they
 were transposing copies, and lse/delta sliced inside the exp fusion, 10-15% of its time.
 A whole-array copy costs its passes and, since XLA:CPU allocates a call's temp memory anew
@@ -412,10 +412,12 @@ def _bwd(st: Static, res, cotangents):
     is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in a.score_consts]
     kinds = ("kg",) * 8 + ("k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
     # The per-step operands once per call (module docstring): q finite and scaled; rows in
-    # blocks [nq, K, G, bq, ...], the key-major score tiles' rhs transposed [K, G, d, Tp]
+    # blocks [nq, K, G, bq, ...], and the key-major score tiles' rhs in transposed blocks
+    # [nq, K, G, d, bq]: step i reads block i, a contiguous copy (a column slice of one
+    # [K, G, d, Tp] transpose was a strided one: 103 -> 71 ms of slicing per call at T = 4096)
     q = _clean(a.q, st.scale)  # [Tp, K, G, d_k]
-    q_rows, do_rows = (_row_blocks(x, st.bq, 2) for x in (q, d_out))
-    qt, do_t = (jnp.moveaxis(x, 0, 3) for x in (q, d_out))  # [K, G, d, Tp]
+    q_rows, do_rows = (_row_blocks(x, st.bq, 2) for x in (q, d_out))  # [nq, K, G, bq, d]
+    qt, do_t = (jnp.swapaxes(x, 3, 4) for x in (q_rows, do_rows))  # [nq, K, G, d, bq]
     lse_rows, delta_rows = (_row_blocks(x, st.bq, 2) for x in (lse_safe, delta))
 
     def kv_block(carry, j):
@@ -436,7 +438,7 @@ def _bwd(st: Static, res, cotangents):
                 )
 
             dk, dv, dq_blk, ds, d_floats = _over_heads(one_head, kinds)(
-                dk, dv, q_rows[i], _cols(qt, i, st.bq), do_rows[i], _cols(do_t, i, st.bq),  # [K, G, bq, d], [K, G, d, bq]
+                dk, dv, q_rows[i], qt[i], do_rows[i], do_t[i],  # [K, G, bq, d], [K, G, d, bq]
                 lse_rows[i], delta_rows[i],  # [K, G, bq]
                 k_blk, kt_blk, v_blk, _dense_tile(a.mask, i, j, st, True), _dense_tile(a.bias, i, j, st, True), a.h,
             )  # dq_blk [K, G, d_k, bq], ds [K, G, bk, bq], d_floats [K, G, ...] each
