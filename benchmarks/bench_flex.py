@@ -469,7 +469,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every T divided by 4, one round")
     parser.add_argument("--smoke", action="store_true", help="every T divided by 16, one round (does it run?)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--slow", type=float, default=8.0, help="a call slower than this (s) is timed once")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--speed-lengths", type=int, nargs="+", default=[2048, 4096, 1024, 512, 8192],
