@@ -415,9 +415,12 @@ def _bwd(st: Static, res, cotangents):
     # blocks [nq, K, G, bq, ...], and the key-major score tiles' rhs in transposed blocks
     # [nq, K, G, d, bq]: step i reads block i, a contiguous copy (a column slice of one
     # [K, G, d, Tp] transpose was a strided one: 103 -> 71 ms of slicing per call at T = 4096)
-    q = _clean(a.q, st.scale)  # [Tp, K, G, d_k]
-    q_rows, do_rows = (_row_blocks(x, st.bq, 2) for x in (q, d_out))  # [nq, K, G, bq, d]
-    qt, do_t = (jnp.swapaxes(x, 3, 4) for x in (q_rows, do_rows))  # [nq, K, G, d, bq]
+    # q is cleaned and scaled inside each of its two transposes (each one pass from the input;
+    # cleaned once and then transposed, XLA:CPU wrote the cleaned q twice before the copies)
+    q_rows = _clean(_row_blocks(a.q, st.bq, 2), st.scale)  # [nq, K, G, bq, d_k]
+    do_rows = _row_blocks(d_out, st.bq, 2)  # [nq, K, G, bq, d_v]
+    qt = _clean(jnp.swapaxes(_row_blocks(a.q, st.bq, 2), 3, 4), st.scale)  # [nq, K, G, d_k, bq]
+    do_t = jnp.swapaxes(do_rows, 3, 4)  # [nq, K, G, d_v, bq]
     lse_rows, delta_rows = (_row_blocks(x, st.bq, 2) for x in (lse_safe, delta))
 
     def kv_block(carry, j):
