@@ -21,7 +21,9 @@ def nan_rows(x: jax.Array, dtype) -> jax.Array:
     """x [..., d] -> [...] of ``dtype``: NaN where the row holds a NaN or inf, else 0 (no gradient).
 
     Flags are found and combined with boolean ``any`` and float sums, never max-reductions:
-    XLA:CPU's max-reduce (jax 0.10.2) drops NaN from 16 rows on.
+    XLA:CPU's max-reduce (jax 0.10.2) drops NaN from 16 rows on. A float sum of x · 0 (no
+    boolean copy, 1.9 vs 2.2 ms standalone at [8192, 8, 64]) became a YNNPACK reduction of
+    139 ms inside the flex backward's program (T = 8192, N = 8, H = 64): the flags stay ``any``.
     """
     return nan_at(jnp.any(~jnp.isfinite(x), axis=-1), dtype)  # [...]
 
