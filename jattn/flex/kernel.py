@@ -411,15 +411,14 @@ def _bwd(st: Static, res, cotangents):
     lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # [Tp, K, G]; rows that saw nothing get P = 0
     is_float = [jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in a.score_consts]
     kinds = ("kg",) * 8 + ("k", "k", "k", _dense_kind(a.mask), _dense_kind(a.bias), "kg")
-    # The per-step operands once per call (module docstring): q finite and scaled; rows in
-    # blocks [nq, K, G, bq, ...], and the key-major score tiles' rhs in transposed blocks
-    # [nq, K, G, d, bq]: step i reads block i, a contiguous copy (a column slice of one
-    # [K, G, d, Tp] transpose was a strided one: 103 -> 71 ms of slicing per call at T = 4096)
-    # q is cleaned and scaled inside each of its two transposes (each one pass from the input;
-    # cleaned once and then transposed, XLA:CPU wrote the cleaned q twice before the copies)
-    q_rows = _clean(_row_blocks(a.q, st.bq, 2), st.scale)  # [nq, K, G, bq, d_k]
-    do_rows = _row_blocks(d_out, st.bq, 2)  # [nq, K, G, bq, d_v]
-    qt = _clean(jnp.swapaxes(_row_blocks(a.q, st.bq, 2), 3, 4), st.scale)  # [nq, K, G, d_k, bq]
+    # The per-step operands once per call (module docstring): rows in blocks [nq, K, G, bq, ...]
+    # and the key-major score tiles' rhs in transposed blocks [nq, K, G, d, bq]; step i reads
+    # block i, a contiguous copy (a column slice of one [K, G, d, Tp] transpose was a strided
+    # one: 103 -> 71 ms of slicing per call at T = 4096). q is cleaned and scaled after each
+    # transpose, so that each is one pass from the input (cleaned first, XLA:CPU wrote the
+    # cleaned q twice before the two transposing copies).
+    q_blocks, do_rows = (_row_blocks(x, st.bq, 2) for x in (a.q, d_out))  # [nq, K, G, bq, d]
+    q_rows, qt = (_clean(x, st.scale) for x in (q_blocks, jnp.swapaxes(q_blocks, 3, 4)))
     do_t = jnp.swapaxes(do_rows, 3, 4)  # [nq, K, G, d_v, bq]
     lse_rows, delta_rows = (_row_blocks(x, st.bq, 2) for x in (lse_safe, delta))
 
