@@ -452,6 +452,32 @@ def memory_only(window_Ts, mask_T, log):
 # ----------------------------------------------------------------------------------------
 
 
+def _cpu() -> dict:
+    """What the ratios depend on: the CPU's model, family/model, vector extensions and per-core
+    caches (Linux; the virtual machines this runs on differ between runs: AVX2-only and AVX-512 so far)."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return {"cpu": platform.machine()}
+    flags = info.get("flags", "").split()
+    caches = {}
+    for index in range(4):
+        base = f"/sys/devices/system/cpu/cpu0/cache/index{index}/"
+        try:
+            with open(base + "level") as lv, open(base + "type") as ty, open(base + "size") as sz:
+                kind = {"Data": "d", "Instruction": "i"}.get(ty.read().strip(), "")
+                caches[f"L{lv.read().strip()}{kind}"] = sz.read().strip()
+        except OSError:
+            break
+    return dict(cpu=info.get("model name", platform.machine()),
+                cpu_family_model=f"{info.get('cpu family')}/{info.get('model')}",
+                avx2="avx2" in flags, avx512="avx512f" in flags, caches_per_core=caches)
+
+
 def _commit() -> str:
     """The measured tree: its git commit, '+dirty' if library files differ from it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -492,6 +518,7 @@ def main():
 
     def meta():
         out = dict(commit=commit, jax=jax.__version__, platform=platform.platform(), processor=platform.processor(),
+                   **_cpu(),
                    cpus=os.cpu_count(), N=N, H=H, B=1, dtype="float32", quick=args.quick, smoke=args.smoke,
                    rounds=rounds, slow_s=args.slow, cases=args.cases, peers_skipped=SKIPPED,
                    minutes=(time.time() - started) / 60, load_average=os.getloadavg(),
