@@ -87,6 +87,21 @@ def test_causal_layout_and_broadcast_dims():
     np.testing.assert_array_equal(bm_none.to_dense()[0, 0], [[2, 2, 1]] * 3)  # last key block padded
 
 
+@pytest.mark.parametrize("T, S, block", [(13, 7, (4, 3)), (11, 11, 5), (5, 13, (8, 4)), (16, 16, (4, 8))])
+def test_no_mask_mod_is_known_at_trace_time_and_matches_the_evaluated_one(T, S, block):
+    """mask_mod=None: the arrays come from NumPy (constants even under jit, no [T, S] pass per
+    call) and equal, entry by entry, those evaluated from an always-true mask_mod."""
+    everywhere = jattn.create_block_mask(lambda b, h, q, kv: q >= 0, 3, None, T, S, block_size=block)
+    build = lambda: jattn.create_block_mask(None, 3, None, T, S, block_size=block)  # noqa: E731
+    assert jax.make_jaxpr(build)().eqns == []  # eight constants, nothing computed per call
+    built = jax.jit(build)()
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        np.testing.assert_array_equal(getattr(built, name), getattr(everywhere, name), err_msg=name)
+        assert getattr(built, name).dtype == jnp.int32, name
+    _check_layout(built, _np_classify(np.ones((3, 1, T, S), bool), *built.block_size))
+
+
 def test_jittable_with_traced_document_ids():
     ids = jnp.asarray(np.repeat(np.arange(4), [5, 9, 2, 16]))  # [32]
 

@@ -25,6 +25,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn.flex import convert
 
@@ -111,13 +112,24 @@ def _counts_and_indices(flags):
     return counts, jnp.where(counts[..., None] > 0, found, 0).astype(jnp.int32)
 
 
+def _static_counts_and_indices(flags: np.ndarray):
+    """``_counts_and_indices`` in NumPy, at trace time (the arrays become constants of the program)."""
+    counts = flags.sum(-1).astype(np.int32)  # [..., r]
+    order = np.argsort(~flags, axis=-1, kind="stable").astype(np.int32)  # [..., r, n]: listed blocks first
+    last = np.take_along_axis(order, np.maximum(counts - 1, 0)[..., None], axis=-1)  # [..., r, 1]
+    keep = np.arange(flags.shape[-1]) < counts[..., None]  # [..., r, n]
+    return counts, np.where(keep, order, np.where(counts[..., None] > 0, last, 0)).astype(np.int32)
+
+
 def block_arrays(partial, full):
-    """The eight ``BlockMask`` arrays from bool ``partial``/``full`` block matrices ``[B, N, nq, nk]``."""
-    kv_num, kv_idx = _counts_and_indices(partial)
-    fkv_num, fkv_idx = _counts_and_indices(full)
-    partial_t, full_t = (jnp.swapaxes(x, -1, -2) for x in (partial, full))  # [B, N, nk, nq]
-    q_num, q_idx = _counts_and_indices(partial_t)
-    fq_num, fq_idx = _counts_and_indices(full_t)
+    """The eight ``BlockMask`` arrays from bool ``partial``/``full`` block matrices ``[B, N, nq, nk]``:
+    NumPy arrays for NumPy flags (patterns known at trace time), else computed by the program."""
+    counts_and_indices = _static_counts_and_indices if isinstance(partial, np.ndarray) else _counts_and_indices
+    kv_num, kv_idx = counts_and_indices(partial)
+    fkv_num, fkv_idx = counts_and_indices(full)
+    partial_t, full_t = (x.swapaxes(-1, -2) for x in (partial, full))  # [B, N, nk, nq]
+    q_num, q_idx = counts_and_indices(partial_t)
+    fq_num, fq_idx = counts_and_indices(full_t)
     return kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx
 
 
@@ -153,8 +165,7 @@ def _block_arrays(mod, Bm, Nm, T, S, bq, bk, consts):
             q_idx = i * bq + jnp.arange(bq, dtype=jnp.int32)  # [bq]
             kv_idx = jnp.arange(nk * bk, dtype=jnp.int32)  # [nk*bk]
             vis = (q_idx < T)[:, None] & (kv_idx < S)[None, :]  # [bq, nk*bk]
-            if mod is not None:
-                vis = vis & convert.on_tile(mod, consts, b, h, jnp.minimum(q_idx, T - 1), jnp.minimum(kv_idx, S - 1))
+            vis = vis & convert.on_tile(mod, consts, b, h, jnp.minimum(q_idx, T - 1), jnp.minimum(kv_idx, S - 1))
             seen_by = vis.astype(count_dtype).sum(0, dtype=count_dtype).reshape(nk, bk)  # [nk, bk]
             real_rows = jnp.minimum(T - i * bq, bq).astype(count_dtype)
             any_ = seen_by.max(-1) > 0  # [nk]
@@ -193,7 +204,11 @@ def create_block_mask(mask_mod: Callable | None, B: int | None, N: int | None, T
     Bm, Nm = _size("B", B, True), _size("N", N, True)
     T, S = _size("T", T, False), _size("S", S, False)
     bq, bk = _block_size_pair(block_size)
-    mod = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
-    closed = None if mod is None else mod._replace(consts=())
-    arrays = _block_arrays(closed, Bm, Nm, T, S, bq, bk, () if mod is None else mod.consts)
+    if mask_mod is None:  # known at trace time: every tile visible, full unless it holds a padded key
+        full = np.arange(_ceil_div(S, bk)) * bk + bk <= S  # [nk]
+        full = np.broadcast_to(full, (Bm, Nm, _ceil_div(T, bq), full.shape[0]))  # [Bm, Nm, nq, nk]
+        arrays = tuple(jnp.asarray(x) for x in block_arrays(~full, full))
+    else:
+        mod = convert.convert("mask_mod", mask_mod)
+        arrays = _block_arrays(mod._replace(consts=()), Bm, Nm, T, S, bq, bk, mod.consts)
     return BlockMask(*arrays, (T, S), (bq, bk), mask_mod)  # [Bm, Nm, nq, ...]

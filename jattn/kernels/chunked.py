@@ -109,21 +109,9 @@ def length_block_flags(T: int, S: int, bq: int, bk: int, is_causal: bool, offset
     return some & ~full, full
 
 
-def _counts_and_indices(flags: np.ndarray):
-    """bool [r, n] -> (counts int32 [r], indices int32 [r, n]): ``BlockMask``'s layout."""
-    counts = flags.sum(-1).astype(np.int32)
-    order = np.argsort(~flags, axis=-1, kind="stable").astype(np.int32)  # listed blocks first
-    last = np.take_along_axis(order, np.maximum(counts - 1, 0)[:, None], axis=-1)  # [r, 1]
-    keep = np.arange(flags.shape[-1]) < counts[:, None]
-    return counts, np.where(keep, order, np.where(counts[:, None] > 0, last, 0)).astype(np.int32)
-
-
 def static_rows(partial: np.ndarray, full: np.ndarray) -> Rows:
-    """The eight ``BlockMask`` arrays ``[1, 1, ...]`` (broadcast over batch and heads) of flags."""
-    arrays = []
-    for p, f in ((partial, full), (partial.T, full.T)):
-        arrays += [*_counts_and_indices(p), *_counts_and_indices(f)]
-    return Rows(*(x[None, None] for x in arrays))
+    """The eight ``BlockMask`` arrays ``[1, 1, ...]`` (broadcast over batch and heads) of flags [nq, nk]."""
+    return Rows(*block_arrays(partial[None, None], full[None, None]))
 
 
 def builtin_mask_mod(config, T: int, S: int, q_lengths, kv_lengths, q_segment_ids, kv_segment_ids):
