@@ -40,6 +40,12 @@ from jattn.flex.kernel import Rows, Static
 # it needs less CPU (T=2048: 178 vs 212 ms forward, 509 vs 655 ms forward+backward), but one
 # head's ops are too small for XLA:CPU to split over both cores: on the idle 2-core machine
 # T=4096 forward took 739 ms vs 491 ms with vmap (torch 326 ms), same-run wall time.
+# Re-swept on an AVX-512 2-core machine (T=1024/2048, fwd and fwd+bwd, min of 5-7
+# interleaved rounds): (512, 256) still fastest. Why smaller tiles lose there: YNNPACK splits a
+# matmul over both cores only when it is large enough; at (256, 256) each tile matmul ran on
+# one core (~90 GFLOP/s; (512, 256): 144-177 GFLOP/s) and the T=2048 forward took 114 vs 68 ms.
+# Tried and reverted: two query blocks' loops side by side in one lax.map body, so that the
+# second core has independent work: XLA:CPU ran them one after the other (no change in time).
 DEFAULT_BLOCK_KV = 256
 
 
