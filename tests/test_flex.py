@@ -279,3 +279,46 @@ def test_scale_and_default_block_mask_match_given_one():
     ref, _ = flex_reference(q, k, v, mask_fn=CASES["document_causal"][2], scale=0.3)
     np.testing.assert_allclose(a, ref, atol=2e-5)
     np.testing.assert_allclose(b, ref, atol=2e-5)
+
+
+def _rows(bm, nq):
+    from jattn.flex.kernel import Rows, few_tiles
+
+    rows = Rows(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+    return few_tiles(rows, nq)
+
+
+def test_backward_transposes_per_step_only_for_few_known_tiles_and_both_match_dense():
+    """A block mask known at trace time whose backward visits few tiles per query block makes
+    the backward transpose q and dO per step; a traced or denser one, once per call. Both layouts
+    give the dense path's gradients (q, k, v and ALiBi's slopes)."""
+    mask_mod = mods.and_masks(mods.document(Q_DOC, KV_DOC), mods.causal)
+    nq = -(-T // BLOCK[0])
+    sparse = jattn.create_block_mask(mask_mod, B, N, T, S, block_size=BLOCK)
+    assert _rows(sparse, nq)
+    assert not _rows(jattn.create_block_mask(None, None, None, T, S, block_size=(4, 2)), nq)  # 40 tiles > 4 * 4
+    seen = []
+    jax.jit(lambda: seen.append(_rows(jattn.create_block_mask(mask_mod, B, N, T, S, block_size=BLOCK), nq)))()
+    assert seen == [False]  # traced counts: once per call
+
+    q, k, v = _inputs(seed=5)
+    w = jnp.asarray(np.random.RandomState(6).randn(B, T, N, HV), jnp.float32)
+
+    def grads(**kw):
+        def loss(q, k, v, slopes):
+            bm = kw.get("block_mask") or (jattn.create_block_mask(mask_mod, B, N, T, S, block_size=BLOCK)
+                                          if kw["implementation"] == "chunked" else None)
+            out = jattn.flex_attention(q, k, v, score_mod=mods.alibi(slopes), implementation=kw["implementation"],
+                                       mask_mod=None if bm is not None else mask_mod, block_mask=bm)
+            return jnp.sum(out * w)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, jnp.asarray(SLOPES))
+
+    per_step = grads(implementation="chunked", block_mask=sparse)
+    per_call = grads(implementation="chunked")  # block mask built inside the jitted step
+    dense = grads(implementation="xla")
+    for a, b, c in zip(per_step, per_call, dense):
+        np.testing.assert_allclose(a, c, atol=5e-5, rtol=5e-5)
+        np.testing.assert_allclose(b, c, atol=5e-5, rtol=5e-5)
+        assert np.abs(np.asarray(a)).max() > 0

@@ -28,7 +28,7 @@ import numpy as np
 
 from jattn.flex import convert, lift, mods
 from jattn.flex.block_mask import block_arrays, create_block_mask
-from jattn.flex.kernel import Rows, Static
+from jattn.flex.kernel import Rows, Static, few_tiles
 
 # Measured on a 2-core CPU (fp32, N=8, H=64): 512-row query blocks cut the forward time by
 # 30-45% from T=1024 on; for shorter queries 256 rows keep the backward fastest. Re-measured
@@ -167,7 +167,8 @@ def chunked_call(config, a):
     score = None if config.logits_soft_cap is None else convert.convert(
         "score_mod", mods.soft_cap(config.logits_soft_cap), acc)
     mask = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
-    st = Static(T, S, bq, bk, config.scale, *(None if m is None else m._replace(consts=()) for m in (score, mask)))
+    st = Static(T, S, bq, bk, config.scale, *(None if m is None else m._replace(consts=()) for m in (score, mask)),
+                few_tiles(rows, -(-T // bq)))
     out, lse = lift.chunked(
         st, a.query.astype(acc), a.key.astype(acc), a.value.astype(acc), a.mask,
         None if a.bias is None else a.bias.astype(acc),
