@@ -297,7 +297,7 @@ def test_backward_transposes_per_step_only_for_few_known_tiles_and_both_match_de
     nq = -(-T // BLOCK[0])
     sparse = jattn.create_block_mask(mask_mod, B, N, T, S, block_size=BLOCK)
     assert _rows(sparse, nq)
-    assert not _rows(jattn.create_block_mask(None, None, None, T, S, block_size=(4, 2)), nq)  # 40 tiles > 4 * 4
+    assert not _rows(jattn.create_block_mask(None, None, None, T, S, block_size=(4, 2)), nq)  # 40 tiles > 8 * 4
     seen = []
     jax.jit(lambda: seen.append(_rows(jattn.create_block_mask(mask_mod, B, N, T, S, block_size=BLOCK), nq)))()
     assert seen == [False]  # traced counts: once per call

@@ -33,9 +33,9 @@ vs 43 us per [512, 8, 64] tile), so kᵀ [K, d_k, Sp] (forward) and qᵀ, dOᵀ 
 per call. The backward, whose inner loop runs over query blocks, also puts the rows of q
 and dO, lse and delta in head-major blocks once per call ([nq, K, G, bq, ...]): per step they
 were transposing copies, and lse/delta sliced inside the exp fusion, 10-15% of its time.
-A block mask known at trace time that visits few tiles per query block (``few_tiles``: the
-documents and sliding-window patterns) has the backward transpose each step's q and dO
-blocks instead of keeping qᵀ and dOᵀ: fewer passes and two arrays of q's size less.
+A block mask known at trace time that visits few tiles per query block (``few_tiles``:
+documents, sliding windows, causal or full at short T) has the backward transpose each
+step's q and dO blocks instead of keeping qᵀ and dOᵀ: two arrays of q's size less.
 A whole-array copy costs its passes and, since XLA:CPU allocates a call's temp memory anew
 each call, the page faults of its fresh pages: the head-major copies of q, k, v that a
 ``vmap`` over heads makes (every head's loop slicing its own head) took 64 of a 65 MiB
@@ -393,21 +393,22 @@ def _forward(st: Static, a: Inputs, r: Rows):
 def few_tiles(r: Rows, nq: int) -> bool:
     """Whether the backward should transpose q and dO per step (``Static.transposes_per_step``):
     the block mask is known at trace time (not traced) and its key-major loops visit at most
-    ``4·nq`` tiles (under ``vmap`` the loops run each step's largest count over the rows).
+    ``8·nq`` tiles (under ``vmap`` the loops run each step's largest count over the rows).
 
     The once-per-call transposed copies qᵀ, dOᵀ cost two passes and two arrays of q's size (and
     the page faults of their fresh memory, every call) whatever the tiles; per step, each visited
-    tile transposes its two blocks. Measured (fwd+bwd, N=8, H=64, in-process A/B, interleaved
-    rounds in alternating order): per step took 0.947x the time with 16 documents at T=8192
-    (2.5 tiles per query block; temp 113 -> 69 MiB) and 0.955x with a 256 window at T=16384
-    (3 per block); always per step, non-causal T=2048 (8 per block) took 1.03x and causal
-    T=2048 (5 per block) 1.07x.
+    tile transposes its two blocks. Measured (fwd+bwd, N=8, H=64, default tiles unless noted,
+    in-process A/B, interleaved rounds in alternating order), per step / per call: 16 documents
+    at T=8192, (128, 128) tiles, 2.5 tiles per query block: 0.947x (temp 113 -> 69 MiB); a 256
+    window at T=16384, 3 per block: 0.955x; causal T=2048, 5 per block: 0.944x; non-causal
+    T=2048, 8 per block: 0.985x; causal T=4096, 9 per block: 1.018x; non-causal T=4096, 16 per
+    block: 1.015x.
     """
     counts = (r.q_num, r.full_q_num)  # [Bm, Nm, nk] each
     if any(isinstance(x, jax.core.Tracer) for x in counts):
         return False
     steps = np.max(np.asarray(counts[0]) + np.asarray(counts[1]), axis=(0, 1))  # [nk]
-    return int(steps.sum()) <= 4 * nq
+    return int(steps.sum()) <= 8 * nq
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
