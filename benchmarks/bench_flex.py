@@ -289,13 +289,15 @@ def documents(T, rounds, slow, log):
     qc, kc, vc = _inputs(Tc)
     full = lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="chunked", block_sizes=(block, block))
     per_fwd, per_bwd = jax.jit(full), _fwd_bwd(full)
-    chunked_fwd, chunked_bwd = {"chunked": lambda *_: per_fwd(qc, kc, vc)}, {"chunked": lambda *_: per_bwd(qc, kc, vc)}
-    fwd = _ms(_time_rounds({**{n: jax.jit(f) for n, f in flex.items()}, **chunked_fwd}, (q, k, v), rounds, slow))
-    bwd = _ms(_time_rounds({**{n: _fwd_bwd(f) for n, f in flex.items()}, **chunked_bwd}, (q, k, v), rounds, slow))
-    fwd_p = _ms(_time_rounds({n: jax.jit(f) for n, f in {"flex": flex["flex"], **peers}.items()} | chunked_fwd,
-                             (q, k, v), rounds, slow))
-    bwd_p = _ms(_time_rounds({n: _fwd_bwd(f) for n, f in {"flex": flex["flex"], **peers}.items()} | chunked_bwd,
-                             (q, k, v), rounds, slow))
+    fwd_fns = {n: jax.jit(f) for n, f in {**flex, **peers}.items()} | {"chunked": lambda *_: per_fwd(qc, kc, vc)}
+    bwd_fns = {n: _fwd_bwd(f) for n, f in {**flex, **peers}.items()} | {"chunked": lambda *_: per_bwd(qc, kc, vc)}
+
+    def timed(fns, names):
+        return _ms(_time_rounds({n: fns[n] for n in names}, (q, k, v), rounds, slow))
+
+    alone, with_peers = (*flex, "chunked"), ("flex", *peers, "chunked")
+    fwd, bwd = timed(fwd_fns, alone), timed(bwd_fns, alone)
+    fwd_p, bwd_p = timed(fwd_fns, with_peers), timed(bwd_fns, with_peers)
     per = {"chunked": fwd["chunked"], "chunked_bwd": bwd["chunked"]}
     tiles_c = (Tc // block) ** 2
     row = dict(case="documents", T=T, docs=docs, block=block, visited_tiles=visited, total_tiles=(T // block) ** 2,

@@ -34,38 +34,27 @@ import subprocess
 import sys
 import time
 
-MiB = 2**20
 TUNED = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
 SETTINGS = {"glibc defaults": {}, "one arena, no mmap, no trim": TUNED}
-T, DOCS, BLOCK, N, H = 8192, 16, 128, 8, 64
+T, DOCS, BLOCK = 8192, 16, 128
 
 
 def _calls():
-    """name -> (jitted q, k, v gradients of sum(f(q, k, v) * w), its inputs); visited tiles of ``documents``."""
-    import jax
-    import jax.numpy as jnp
-
+    """name -> (q, k, v gradients of sum(f(q, k, v) * w), bench_flex's ``_fwd_bwd``; its inputs);
+    visited tiles of ``documents``."""
     import jattn
-    from jattn.flex import mods
+    from bench_flex import _doc_mask_mod, _fwd_bwd, _inputs  # N=8, H=64 there too
 
-    def inputs(length):
-        keys = jax.random.split(jax.random.key(0), 4)
-        return tuple(jax.random.normal(x, (1, length, N, H), jnp.float32) for x in keys)  # q, k, v, w
-
-    def fwd_bwd(f):
-        return jax.jit(jax.grad(lambda q, k, v, w: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2)))
-
-    ids = jnp.repeat(jnp.arange(DOCS, dtype=jnp.int32), T // DOCS)  # [T]
-    docs = jattn.create_block_mask(mods.and_masks(mods.document(ids), mods.causal), None, None, T, T, block_size=BLOCK)
+    docs = jattn.create_block_mask(_doc_mask_mod(T, DOCS), None, None, T, T, block_size=BLOCK)
     empty = jattn.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx < 0, None, None, T, T, block_size=BLOCK)
     visited = int(docs.kv_num_blocks.sum() + docs.full_kv_num_blocks.sum())
     calls = {
-        "documents": (fwd_bwd(lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=docs)), inputs(T)),
-        "no_tiles": (fwd_bwd(lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=empty)), inputs(T)),
-        "chunked_4096": (fwd_bwd(lambda q, k, v: jattn.dot_product_attention(
-            q, k, v, implementation="chunked", block_sizes=(BLOCK, BLOCK))), inputs(T // 2)),
-        "chunked_2048": (fwd_bwd(lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="chunked")),
-                         inputs(2048)),
+        "documents": (_fwd_bwd(lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=docs)), _inputs(T)),
+        "no_tiles": (_fwd_bwd(lambda q, k, v: jattn.flex_attention(q, k, v, block_mask=empty)), _inputs(T)),
+        "chunked_4096": (_fwd_bwd(lambda q, k, v: jattn.dot_product_attention(
+            q, k, v, implementation="chunked", block_sizes=(BLOCK, BLOCK))), _inputs(T // 2)),
+        "chunked_2048": (_fwd_bwd(lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="chunked")),
+                         _inputs(2048)),
     }
     return calls, visited
 
@@ -77,8 +66,7 @@ def child(rounds: int) -> dict:
     calls, visited = _calls()
     out = {"visited_tiles": visited}
     for name, (g, a) in calls.items():
-        out[name] = dict(temp_mib=g.lower(*a).compile().memory_analysis().temp_size_in_bytes / MiB, ms=[],
-                         faults=0, sys_ms=0.0)
+        out[name] = dict(temp_mib=g.temp_mib(*a), ms=[], faults=0, sys_ms=0.0)
         jax.block_until_ready(g(*a))
         jax.block_until_ready(g(*a))
     for _ in range(rounds):
@@ -131,8 +119,7 @@ def main():
     if args.child:
         print(json.dumps(child(args.rounds)))
         return
-    sys.path.insert(0, os.path.dirname(__file__))
-    from bench_flex import _commit, _cpu  # the same meta as bench_flex.py's results
+    from bench_flex import H, N, _commit, _cpu  # the same meta as bench_flex.py's results (this folder is on sys.path)
 
     import jax
 

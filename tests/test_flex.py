@@ -281,12 +281,10 @@ def test_scale_and_default_block_mask_match_given_one():
     np.testing.assert_allclose(b, ref, atol=2e-5)
 
 
-def _rows(bm, nq):
+def _few_tiles(bm):
     from jattn.flex.kernel import Rows, few_tiles
 
-    rows = Rows(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
-    return few_tiles(rows, nq)
+    return few_tiles(Rows.of(bm))
 
 
 def test_backward_transposes_per_step_only_for_few_known_tiles_and_both_match_dense():
@@ -294,12 +292,11 @@ def test_backward_transposes_per_step_only_for_few_known_tiles_and_both_match_de
     the backward transpose q and dO per step; a traced or denser one, once per call. Both layouts
     give the dense path's gradients (q, k, v and ALiBi's slopes)."""
     mask_mod = mods.and_masks(mods.document(Q_DOC, KV_DOC), mods.causal)
-    nq = -(-T // BLOCK[0])
     sparse = jattn.create_block_mask(mask_mod, B, N, T, S, block_size=BLOCK)
-    assert _rows(sparse, nq)
-    assert not _rows(jattn.create_block_mask(None, None, None, T, S, block_size=(4, 2)), nq)  # 40 tiles > 8 * 4
+    assert _few_tiles(sparse)
+    assert not _few_tiles(jattn.create_block_mask(None, None, None, T, S, block_size=(4, 2)))  # 40 tiles > 8 * 4
     seen = []
-    jax.jit(lambda: seen.append(_rows(jattn.create_block_mask(mask_mod, B, N, T, S, block_size=BLOCK), nq)))()
+    jax.jit(lambda: seen.append(_few_tiles(jattn.create_block_mask(mask_mod, B, N, T, S, block_size=BLOCK))))()
     assert seen == [False]  # traced counts: once per call
 
     q, k, v = _inputs(seed=5)

@@ -124,12 +124,8 @@ def flex_attention(query, key, value, *, score_mod: Callable | None = None, mask
                 N if mmod is not None and mmod.uses_h else None, T, S, block_size=default_block_size(T, S),
             )
         bq, bk = block_mask.block_size
-        rows = Rows(
-            block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
-            block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
-            block_mask.full_q_num_blocks, block_mask.full_q_indices,
-        )
-        st = Static(T, S, bq, bk, scale, *closed, few_tiles(rows, -(-T // bq)))
+        rows = Rows.of(block_mask)
+        st = Static(T, S, bq, bk, scale, *closed, few_tiles(rows))
         out, lse = _chunked(st, q, k, v, None, None, s_consts, m_consts, rows)
     out = jnp.reshape(out.astype(query.dtype), batch_shape + (T, N, Hv))  # [*B, T, N, Hv]
     if return_residual:

@@ -93,6 +93,12 @@ class Rows(NamedTuple):
     full_q_num: jax.Array  # [nk]
     full_q_idx: jax.Array  # [nk, nq]
 
+    @classmethod
+    def of(cls, bm) -> Rows:
+        """The eight arrays of a ``BlockMask`` ([B, N, ...]: every row)."""
+        return cls(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                   bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+
 
 class Inputs(NamedTuple):
     """Padded inputs of the query heads of one batch row that share a block-mask row (K kv heads,
@@ -390,10 +396,11 @@ def _forward(st: Static, a: Inputs, r: Rows):
     return out.reshape(Tp, K, G, d_v), lse.reshape(Tp, K, G)
 
 
-def few_tiles(r: Rows, nq: int) -> bool:
+def few_tiles(r: Rows) -> bool:
     """Whether the backward should transpose q and dO per step (``Static.transposes_per_step``):
-    the block mask is known at trace time (not traced) and its key-major loops visit at most
-    ``8·nq`` tiles (under ``vmap`` the loops run each step's largest count over the rows).
+    the block mask ``r`` ([B, N, ...]) is known at trace time (not traced) and its key-major
+    loops visit at most 8 tiles per query block (under ``vmap`` the loops run each step's
+    largest count over the rows).
 
     The once-per-call transposed copies qᵀ, dOᵀ cost two passes and two arrays of q's size (and
     the page faults of their fresh memory, every call) whatever the tiles; per step, each visited
@@ -408,7 +415,7 @@ def few_tiles(r: Rows, nq: int) -> bool:
     if any(isinstance(x, jax.core.Tracer) for x in counts):
         return False
     steps = np.max(np.asarray(counts[0]) + np.asarray(counts[1]), axis=(0, 1))  # [nk]
-    return int(steps.sum()) <= 8 * nq
+    return int(steps.sum()) <= 8 * r.kv_num.shape[-1]  # nq query blocks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

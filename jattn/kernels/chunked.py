@@ -160,15 +160,14 @@ def chunked_call(config, a):
         rows = Rows(*block_arrays(partial[:, None], full[:, None]))  # [B, 1, ...]
     elif data_dependent:
         bm = create_block_mask(mask_mod, B, None, T, S, block_size=(bq, bk))  # [B, 1, ...]
-        rows = Rows(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                    bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        rows = Rows.of(bm)
     else:
         rows = static_rows(*static_block_flags(T, S, bq, bk, config.is_causal, config.offset, config.window))
     score = None if config.logits_soft_cap is None else convert.convert(
         "score_mod", mods.soft_cap(config.logits_soft_cap), acc)
     mask = None if mask_mod is None else convert.convert("mask_mod", mask_mod)
     st = Static(T, S, bq, bk, config.scale, *(None if m is None else m._replace(consts=()) for m in (score, mask)),
-                few_tiles(rows, -(-T // bq)))
+                few_tiles(rows))
     out, lse = lift.chunked(
         st, a.query.astype(acc), a.key.astype(acc), a.value.astype(acc), a.mask,
         None if a.bias is None else a.bias.astype(acc),
